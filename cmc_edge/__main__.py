@@ -1,0 +1,3 @@
+from cmc_edge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Atomic, self-describing artifacts: temp-name-then-rename writes, checksums, JSON manifests.
+
+An interrupted write never leaves a partial artifact under the final name:
+
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> with atomic_path(d / "x.bin") as tmp:
+...     _ = tmp.write_bytes(b"hi")
+>>> (d / "x.bin").read_bytes()
+b'hi'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from cmc_edge.errors import ArtifactError, InputError
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it over ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; move it into place only if the block succeeds.
+
+    With ``overwrite`` an existing ``final`` is replaced only after the new one is complete.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise InputError(f"{final} already exists", fix="choose another output path or pass --overwrite")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found at {path}", fix=f"check the path; a {what} is a JSON file")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{what} at {path} is not valid JSON ({exc})",
+                            fix="re-create the artifact; it is corrupt or truncated") from exc
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{what} at {path} is not a JSON object", fix="re-create the artifact")
+    return obj
+
+
+def safe_member(root: Path, name: str) -> Path:
+    """Resolve ``name`` inside ``root``; refuse absolute paths and ``..`` escapes."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise ArtifactError(f"artifact member {name!r} is not a relative path",
+                            fix="bundles may only name files inside their own directory")
+    path = (root / name).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ArtifactError(f"artifact member {name!r} points outside {root}",
+                            fix="bundles may only name files inside their own directory; re-export it")
+    return path

@@ -1,0 +1,77 @@
+"""The one source of truth for CMC's logit arithmetic, in numpy and in torch side by side.
+
+The combined next-token scores of the paper are::
+
+    scores = log_softmax(template_logits) + alpha * delta_logits          # (..., V)
+
+Training, export validation and the runtime all call this module. At decode time the
+runtime adds the *mapped* shift straight to the target LLM's raw logits: softmax is
+shift-invariant, so ``softmax(T + s) == softmax(log_softmax(T) + s)`` and no full-vocabulary
+log_softmax is needed. The delta's logits are centred (mean over the delta vocabulary
+subtracted) before mapping, so that a target token without a counterpart (shift 0)
+keeps the delta's *average* preference instead of an arbitrary absolute level.
+
+>>> import numpy as np
+>>> t = np.array([[2.0, 1.0, 0.0]], dtype=np.float32)
+>>> d = np.array([[0.0, 0.0, 3.0]], dtype=np.float32)
+>>> combine_np(t, d, 0.0).round(3).tolist() == log_softmax_np(t).round(3).tolist()
+True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_softmax_np(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    m = x.max(axis=axis, keepdims=True)
+    z = x - m
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def combine_np(template_logits: np.ndarray, delta_logits: np.ndarray, alpha: float) -> np.ndarray:
+    """``log_softmax(template) + alpha * delta`` on the template's own vocabulary. (..., V)"""
+    return log_softmax_np(template_logits) + np.float32(alpha) * np.asarray(delta_logits, np.float32)
+
+
+def combine_torch(template_logits, delta_logits, alpha: float):
+    """Torch twin of :func:`combine_np` (differentiable in ``delta_logits``). (..., V)"""
+    import torch
+
+    return torch.log_softmax(template_logits.float(), dim=-1) + alpha * delta_logits.float()
+
+
+def centred_np(delta_logits: np.ndarray) -> np.ndarray:
+    """Delta logits minus their mean over the delta vocabulary. (V_d,) -> (V_d,)"""
+    d = np.asarray(delta_logits, dtype=np.float32)
+    return d - d.mean(dtype=np.float64).astype(np.float32)
+
+
+def mapped_shift_np(delta_logits: np.ndarray, index: np.ndarray, mask: np.ndarray,
+                    alpha: float) -> np.ndarray:
+    """The shift CMC adds to a target LLM's logits. (V_d,) -> (V_t,)
+
+    ``index[t]`` is the delta token that target token ``t`` maps to, ``mask[t]`` whether it maps
+    at all; unmapped tokens get 0. This is the reference form; the runtime's in-place variant
+    :func:`add_mapped_shift_` must agree with it (tested).
+    """
+    d = centred_np(delta_logits)
+    return np.where(mask, np.float32(alpha) * d[index], np.float32(0.0)).astype(np.float32)
+
+
+def add_mapped_shift_(target_logits: np.ndarray, delta_logits: np.ndarray, dst: np.ndarray | None,
+                      src: np.ndarray | None, alpha: float) -> np.ndarray:
+    """Add the mapped shift to ``target_logits`` in place and return it. (V_t,) += f((V_d,))
+
+    ``dst`` are the mapped target ids and ``src`` their delta ids (unique ``dst``, so plain
+    fancy-index addition is exact). ``dst is None`` means the identity map (same vocabulary).
+    """
+    d = centred_np(delta_logits)
+    a = np.float32(alpha)
+    if dst is None:
+        n = min(target_logits.shape[-1], d.shape[-1])
+        target_logits[:n] += a * d[:n]
+    else:
+        target_logits[dst] += a * d[src]
+    return target_logits
