@@ -1,0 +1,74 @@
+"""Prompt formats: render a conversation with a model's Jinja chat template (no transformers needed).
+
+Training renders the delta's view of a prompt with this module and the runtime renders it the
+same way, so the delta sees at decode time exactly the text layout it was trained on.
+
+>>> fmt = PromptFormat(chat_template=None)
+>>> render_prompt(fmt, [{"role": "user", "content": "Hi"}])
+'User: Hi\\nAssistant:'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from cmc_edge.errors import InputError
+
+# Used when a GGUF carries no chat template (e.g. Gemma 3 270M base). Gemma-family vocabularies
+# have dedicated turn tokens, which their base models have seen; others get a plain layout.
+GEMMA_TURNS = (
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% if role == 'system' %}{{ '<start_of_turn>user\\n' + message['content'] + '\\n\\n' }}"
+    "{% else %}{% if not (loop.index0 == 1 and messages[0]['role'] == 'system') %}"
+    "{{ '<start_of_turn>' + role + '\\n' }}{% endif %}"
+    "{{ message['content'] + '<end_of_turn>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How to lay out a conversation as text: a Jinja chat template (or None for a plain layout),
+    an optional default system prompt, and the text that closes an assistant turn."""
+
+    chat_template: str | None
+    system_prompt: str | None = None
+    end_of_turn: str = ""
+
+    def to_dict(self) -> dict:
+        return {"chat_template": self.chat_template, "system_prompt": self.system_prompt,
+                "end_of_turn": self.end_of_turn}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptFormat":
+        return cls(chat_template=d.get("chat_template"), system_prompt=d.get("system_prompt"),
+                   end_of_turn=d.get("end_of_turn") or "")
+
+
+def _raise(msg):
+    raise InputError(f"the chat template refused the conversation: {msg}",
+                     fix="check the roles and their order, or pass --chat-template")
+
+
+def render_prompt(fmt: PromptFormat, messages: list[dict], system: str | None = None) -> str:
+    """The prompt text (everything before the assistant's answer) in ``fmt``'s layout."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    msgs = list(messages)
+    sys_prompt = system if system is not None else fmt.system_prompt
+    if sys_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
+        msgs = [{"role": "system", "content": sys_prompt}] + msgs
+    if fmt.chat_template is None:
+        body = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs)
+        return body + "Assistant:"
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=_raise, strftime_now=lambda f: datetime.now().strftime(f))
+    try:
+        return env.from_string(fmt.chat_template).render(messages=msgs, add_generation_prompt=True,
+                                                         bos_token="", eos_token="")
+    except TemplateError as exc:
+        raise InputError(f"the chat template failed to render: {exc}",
+                         fix="pass a valid Jinja chat template with --chat-template") from exc

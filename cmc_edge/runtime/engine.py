@@ -1,0 +1,261 @@
+"""CMC decoding: llama.cpp generates, one or more deltas shift its logits in place every step.
+
+The loop is llama-cpp-python's own (``Llama.eval`` + the same llama.cpp sampler chain that
+``create_completion`` builds), with one change: before each sample, the mapped delta shift is
+added straight into llama.cpp's logits buffer for the last position. Because the loop is ours
+and not a ctypes callback, an error in the delta path propagates: generation stops and the
+caller gets :class:`~cmc_edge.errors.DeltaFault`; no token sampled without the filter is emitted.
+
+The delta's step for token t runs in a worker thread while llama.cpp decodes token t (both
+release the GIL), so its cost mostly hides behind the LLM's.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from cmc_edge.combine import add_mapped_shift_
+from cmc_edge.errors import CmcError, DeltaFault, InputError
+from cmc_edge.prompt import PromptFormat, render_prompt
+from cmc_edge.runtime.sync import DeltaTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling as in llama-cpp-python's ``create_completion`` (same defaults, same sampler chain)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", fix="e.g. --max-tokens 128")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature must be finite and >= 0, got {self.temperature}", fix="use 0 for greedy decoding")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}", fix="e.g. --top-p 0.95")
+        if self.top_k < 0 or not (0.0 <= self.min_p <= 1.0):
+            raise InputError("top_k must be >= 0 and min_p in [0, 1]", fix="e.g. --top-k 40 --min-p 0.05")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError("stop sequences must be non-empty strings", fix="drop empty stop strings")
+
+
+def check_alpha(alpha: float) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        a = float("nan")
+    if not math.isfinite(a):
+        raise InputError(f"alpha must be a finite number, got {alpha!r}", fix="e.g. --alpha 1.0 (0 disables the delta)")
+    return a
+
+
+class Delta:
+    """A loaded delta bundle, ready to steer one target vocabulary: ONNX session + tokenizer + token map."""
+
+    def __init__(self, bundle_path: str | Path, target, *, alpha: float | None = None, variant: str = "fp32",
+                 providers: list[str] | None = None, threads: int = 1, cache_dir: Path | None = None,
+                 name: str | None = None):
+        from tokenizers import Tokenizer
+
+        from cmc_edge.models import cache_dir as default_cache
+        from cmc_edge.runtime.bundle import load_bundle
+        from cmc_edge.runtime.onnx_delta import OnnxDelta
+        from cmc_edge.tokenmap import cached_token_map, read_tokenizer_json
+
+        self.bundle = load_bundle(bundle_path)
+        self.name = name or Path(bundle_path).name
+        self.alpha = check_alpha(self.bundle.default_alpha if alpha is None else alpha)
+        self.prompt_format = PromptFormat.from_dict(self.bundle.prompt_format or {})
+        self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
+        delta_vocab = read_tokenizer_json(self.bundle.tokenizer_path)
+        if delta_vocab.hash != self.bundle.delta_vocab_hash:
+            raise CmcError(f"the tokenizer in {bundle_path} does not match its manifest's vocabulary hash",
+                           fix="re-export the bundle with `cmc-edge export`")
+        self.map = cached_token_map(target.path, delta_vocab, (cache_dir or default_cache()) / "maps")
+        if self.map.is_identity:
+            self.dst = self.src = None
+        else:
+            self.dst, self.src = self.map.dst, self.map.src
+        self.session = OnnxDelta(self.bundle, variant=variant, providers=providers, threads=threads)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tracker(self, prompt_text: str) -> DeltaTracker:
+        self.session.reset()
+        return DeltaTracker(self.session, self.encode, self.encode(prompt_text))
+
+
+@dataclass
+class Generation:
+    """Iterate for text chunks (never splitting a UTF-8 character); stats are filled as it runs."""
+
+    _it: Iterator[str] | None = None
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    resyncs: int = 0
+
+    def __iter__(self):
+        for chunk in self._it:
+            self.text += chunk
+            yield chunk
+
+    def read(self) -> str:
+        for _ in self:
+            pass
+        return self.text
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+
+
+class Engine:
+    """A target LLM plus any number of deltas (each with its own alpha and token map)."""
+
+    def __init__(self, target, deltas: Sequence[Delta] = (), *, overlap: bool = True):
+        self.target = target
+        self.deltas = list(deltas)
+        self.overlap = overlap
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmc-delta") if overlap else None
+
+    # -- prompts -----------------------------------------------------------------------------
+    def chat_prompts(self, messages: list[dict], chat_template: str | None = None) -> tuple[str, list[str]]:
+        """(target prompt text, one delta prompt text per delta): each side in its own format."""
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                    "system", "user", "assistant"):
+                raise InputError(f"bad chat message {m!r}",
+                                 fix='messages are {"role": "system"|"user"|"assistant", "content": str}')
+        tgt = render_prompt(self.target.prompt_format(chat_template), messages)
+        return tgt, [render_prompt(d.prompt_format, messages) for d in self.deltas]
+
+    def chat(self, messages: list[dict], params: SamplingParams = SamplingParams(), *,
+             alphas: Sequence[float] | None = None, chat_template: str | None = None) -> Generation:
+        tgt, dps = self.chat_prompts(messages, chat_template)
+        return self.generate(tgt, params, delta_prompts=dps, alphas=alphas)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def generate(self, prompt: str, params: SamplingParams = SamplingParams(), *,
+                 delta_prompts: Sequence[str] | None = None, alphas: Sequence[float] | None = None) -> Generation:
+        """Complete ``prompt`` (target format). Each delta reads ``delta_prompts[i]`` (default: the
+        same text) followed by the generated text. ``alphas`` overrides the deltas' alphas."""
+        if alphas is not None and len(alphas) != len(self.deltas):
+            raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
+        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+        delta_prompts = list(delta_prompts) if delta_prompts is not None else [prompt] * len(self.deltas)
+        ptoks = self.target.tokenize(prompt)
+        if len(ptoks) >= self.target.n_ctx:
+            raise InputError(f"the prompt has {len(ptoks)} tokens but the context holds {self.target.n_ctx}",
+                             fix="shorten the prompt or raise --n-ctx")
+        gen = Generation(prompt_tokens=len(ptoks))
+        gen._it = self._run(ptoks, params, delta_prompts, alphas, gen)
+        return gen
+
+    def _run(self, ptoks, params, delta_prompts, alphas, gen: Generation) -> Iterator[str]:
+        import llama_cpp
+
+        llm = self.target.llm
+        active = [(d, a, p) for d, a, p in zip(self.deltas, alphas, delta_prompts) if a != 0.0]
+        t0 = time.perf_counter()
+        try:
+            trackers = [d.tracker(p) for d, _, p in active]
+        except CmcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any delta failure must stop generation
+            raise DeltaFault(f"the delta failed on the prompt: {exc!r}",
+                             fix="check the bundle with `cmc-edge inspect`") from exc
+        llm.reset()
+        llm.eval(ptoks)
+        seed = params.seed if params.seed is not None else llm._seed
+        llm.set_seed(seed)
+        sampler = llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                                    temp=params.temperature, repeat_penalty=params.repeat_penalty)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        gen_bytes = b""
+        pending = ""                       # decoded text held back because it may start a stop string
+        max_stop = max((len(s) for s in params.stop), default=0)
+        shifts = [tr.last_logits for tr in trackers]
+        n_vocab = self.target.n_vocab
+        stopped = False
+        try:
+            for step in range(params.max_tokens):
+                if llm.n_tokens >= self.target.n_ctx:
+                    gen.finish_reason = "length"
+                    break
+                if active:
+                    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+                    logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+                    for (d, a, _), dl in zip(active, shifts):
+                        if not np.isfinite(dl.sum(dtype=np.float64)):
+                            raise DeltaFault(f"delta {d.name} produced non-finite logits at token {step}",
+                                             fix="re-export the bundle; check it with `cmc-edge inspect`")
+                        add_mapped_shift_(logits, dl, d.dst, d.src, a)
+                token = sampler.sample(llm._ctx, -1)
+                if self.target.is_eog(token):
+                    gen.finish_reason = "stop"
+                    break
+                gen.tokens.append(token)
+                gen_bytes += self.target.piece(token)
+                fut = self._pool.submit(self._sync_all, trackers, gen_bytes) if (active and self._pool) else None
+                llm.eval([token])
+                if active:
+                    shifts = fut.result() if fut is not None else self._sync_all(trackers, gen_bytes)
+                text = pending + decoder.decode(self.target.piece(token))
+                hit = min((i for i in (text.find(x) for x in params.stop) if i >= 0), default=-1)
+                if hit >= 0:
+                    if hit:
+                        yield text[:hit]
+                    gen.finish_reason = "stop"
+                    stopped = True
+                    break
+                safe = len(text) - (max_stop - 1) if max_stop else len(text)
+                if safe > 0:
+                    yield text[:safe]
+                pending = text[max(safe, 0):]
+            else:
+                gen.finish_reason = "length"
+            if not stopped:
+                tail = pending + decoder.decode(b"", final=True)
+                if tail:
+                    yield tail
+        except CmcError:
+            gen.finish_reason = "error"
+            raise
+        except Exception as exc:  # noqa: BLE001 - fail closed on anything from the delta path
+            gen.finish_reason = "error"
+            raise DeltaFault(f"generation stopped after {len(gen.tokens)} tokens: {exc!r}",
+                             fix="check the delta bundle and token map (`cmc-edge inspect`, `cmc-edge map --stats`)") from exc
+        finally:
+            gen.seconds = time.perf_counter() - t0
+            gen.resyncs = sum(tr.resyncs for tr in trackers)
+            sampler.close()
+
+    @staticmethod
+    def _sync_all(trackers, gen_bytes: bytes) -> list[np.ndarray]:
+        return [tr.logits_for(gen_bytes) for tr in trackers]
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -1,0 +1,88 @@
+"""The target LLM: a GGUF run by llama-cpp-python, plus the vocabulary helpers CMC needs."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+from cmc_edge.errors import InputError
+from cmc_edge.prompt import GEMMA_TURNS, PromptFormat
+
+log = logging.getLogger(__name__)
+
+
+def check_gguf(path: str | Path) -> Path:
+    """Fail early, with a fix, on a missing, truncated or non-GGUF file (llama.cpp would only crash)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file {path} not found", fix="pass the path of a .gguf file")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise InputError(f"{path} is not a GGUF file (it does not start with the GGUF magic)",
+                         fix="pass a llama.cpp .gguf model; convert other formats with llama.cpp's convert scripts")
+    return path
+
+
+class TargetLLM:
+    """Owns a ``llama_cpp.Llama``; exposes raw token pieces, end-of-generation ids and a chat format."""
+
+    def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False, logits_all: bool = False):
+        from llama_cpp import Llama
+
+        self.path = check_gguf(model_path)
+        try:
+            self.llm = Llama(str(self.path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                             seed=seed, verbose=verbose, logits_all=logits_all)
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(f"llama.cpp could not load {self.path}: {exc}",
+                             fix="check that the file is a complete GGUF model (re-download or re-assemble it)") from exc
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx = self.llm.n_ctx()
+        self._pieces: dict[int, bytes] = {}
+        self.metadata = dict(self.llm.metadata)
+
+    # -- vocabulary --------------------------------------------------------------------------
+    def piece(self, token: int) -> bytes:
+        """The bytes a token contributes to the text (control tokens contribute nothing)."""
+        got = self._pieces.get(token)
+        if got is None:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = self._lib.llama_token_to_piece(self.vocab, token, buf, size, 0, False)
+                if n >= 0:
+                    got = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[token] = got
+        return got
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        if add_bos is None:
+            add_bos = bool(self._lib.llama_vocab_get_add_bos(self.vocab))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    # -- chat --------------------------------------------------------------------------------
+    def prompt_format(self, override: str | None = None) -> PromptFormat:
+        """The GGUF's own chat template; else Gemma turns for Gemma vocabularies; else a plain layout."""
+        if override:
+            return PromptFormat(chat_template=override)
+        tmpl = self.metadata.get("tokenizer.chat_template")
+        if tmpl:
+            return PromptFormat(chat_template=tmpl)
+        has_turns = self.tokenize("<start_of_turn>", add_bos=False)
+        if len(has_turns) == 1:
+            log.info("%s has no chat template; using Gemma turn markers", self.path.name)
+            return PromptFormat(chat_template=GEMMA_TURNS)
+        log.info("%s has no chat template; using a plain User:/Assistant: layout", self.path.name)
+        return PromptFormat(chat_template=None)

@@ -1,0 +1,126 @@
+"""Training data: JSONL records -> prompt/response token ids in the template's chat format.
+
+Accepted record shapes (one JSON object per line):
+
+- ``{"prompt": "...", "response": "..."}``
+- alpaca style ``{"instruction": "...", "input": "...", "output": "..."}``
+- chat ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "..."}]}``
+
+An optional ``"system"`` string sets the system prompt. The prompt is rendered with the template's
+chat template (``add_generation_prompt=True``) and the response is the assistant text followed by
+the template's end-of-turn token; prompt and response are tokenized separately, exactly as the
+runtime tokenizes the delta's view of a conversation (prompt once, generated text after it).
+
+>>> normalize_record({"instruction": "Add", "input": "2+2", "output": "4"}, "f.jsonl", 1)
+{'messages': [{'role': 'user', 'content': 'Add\\n\\n2+2'}, {'role': 'assistant', 'content': '4'}]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmc_edge.errors import InputError
+from cmc_edge.prompt import PromptFormat, render_prompt
+
+log = logging.getLogger(__name__)
+
+
+def _bad(path, line, what: str) -> InputError:
+    return InputError(f"{path}:{line}: {what}",
+                      fix='each line must be a JSON object with "prompt"/"response", '
+                          '"instruction"/"output" or "messages" ending in an assistant turn')
+
+
+def normalize_record(obj: object, path, line: int) -> dict:
+    """Any accepted record shape -> ``{"messages": [...], ("system": ...)}``."""
+    if not isinstance(obj, dict):
+        raise _bad(path, line, f"expected a JSON object, got {type(obj).__name__}")
+    out: dict = {}
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise _bad(path, line, '"messages" must be a non-empty list')
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise _bad(path, line, 'every message needs string "role" and "content"')
+        if msgs[-1]["role"] != "assistant":
+            raise _bad(path, line, 'the last message must have role "assistant" (the response to learn)')
+        out["messages"] = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    elif "prompt" in obj or "response" in obj:
+        p, r = obj.get("prompt"), obj.get("response")
+        if not isinstance(p, str) or not isinstance(r, str):
+            raise _bad(path, line, '"prompt" and "response" must both be strings')
+        out["messages"] = [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+    elif "instruction" in obj:
+        ins, inp, outp = obj.get("instruction"), obj.get("input", ""), obj.get("output")
+        if not isinstance(ins, str) or not isinstance(inp, str) or not isinstance(outp, str):
+            raise _bad(path, line, '"instruction", "input" and "output" must be strings')
+        user = ins if not inp else f"{ins}\n\n{inp}"
+        out["messages"] = [{"role": "user", "content": user}, {"role": "assistant", "content": outp}]
+    else:
+        raise _bad(path, line, f"unrecognised record with keys {sorted(obj)}")
+    if isinstance(obj.get("system"), str):
+        out["system"] = obj["system"]
+    if not out["messages"][-1]["content"].strip():
+        raise _bad(path, line, "the response is empty")
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read and validate a JSONL file; errors carry the file name and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} not found", fix="pass an existing .jsonl file")
+    records = []
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise _bad(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+                records.append(normalize_record(obj, path, lineno))
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                             fix="re-save the file as UTF-8") from exc
+    if not records:
+        raise InputError(f"data file {path} has no records", fix="add at least one JSON line")
+    return records
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    role: str  # "sft" | "forget" | "retain"
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + self.response_ids
+
+
+def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
+                   max_len: int) -> list[Example]:
+    """Tokenize records; too-long ones are dropped and counted, never silently truncated."""
+    out, too_long = [], 0
+    for rec in records:
+        prompt = render_prompt(fmt, rec["messages"][:-1], rec.get("system"))
+        response = rec["messages"][-1]["content"] + fmt.end_of_turn
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if len(p) + len(r) > max_len:
+            too_long += 1
+            continue
+        out.append(Example(tuple(p), tuple(r), role))
+    if too_long:
+        log.warning("%d of %d %s examples exceed --max-len %d tokens and were dropped",
+                    too_long, len(records), role, max_len)
+    if records and not out:
+        raise InputError(f"every {role} example is longer than --max-len {max_len} tokens",
+                         fix="raise --max-len or shorten the examples")
+    return out

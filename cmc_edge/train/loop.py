@@ -1,0 +1,224 @@
+"""The CMC training loop: only the delta learns; the template is frozen (and optionally cached).
+
+Per predicted token, with template log-probs ``t`` (V,) and delta logits ``d`` (V,)::
+
+    c = log_softmax(t) + alpha * d                      # cmc_edge.combine.combine_torch
+    sft / forget (refusal targets):  CE(c, target)
+    forget, gradient difference:     relu(ceiling - CE(c, target))   (bounded ascent, never NaN)
+    retain (stay silent):            KL(softmax(t) || softmax(c))
+
+Loss positions are the response tokens only. Template log-probs are computed once per example
+under no_grad and kept (float16) when ``cache_template`` is on, so later steps run the delta only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cmc_edge.errors import InputError
+
+log = logging.getLogger(__name__)
+
+Objective = Literal["sft", "unlearn-idk", "unlearn-gd"]
+OBJECTIVES: tuple[str, ...] = ("sft", "unlearn-idk", "unlearn-gd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: Objective = "sft"
+    alpha: float = 1.0
+    size: str = "15m"
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 10
+    kl_weight: float = 1.0
+    ascent_ceiling: float = 8.0
+    max_len: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    cache_template: bool = True
+    gate_lr_mult: float = 25.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"unknown objective {self.objective!r}", fix=f"use one of {list(OBJECTIVES)}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise InputError(f"alpha must be a positive finite number, got {self.alpha}", fix="e.g. --alpha 1.0")
+        for name in ("steps", "batch_size", "max_len"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1", fix="pass a positive integer")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"--lr must be positive, got {self.lr}", fix="e.g. --lr 2e-3")
+
+
+def _pad_batch(examples, pad_id: int):
+    """Right-padded ids, attention mask and, per example, the positions predicting response tokens."""
+    import torch
+
+    L = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), L), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for i, e in enumerate(examples):
+        seq = e.ids
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        for k in range(r):
+            rows.append(i)
+            cols.append(p - 1 + k)
+            targets.append(e.response_ids[k])
+    return ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
+
+
+def template_logprobs(model, examples, pad_id: int, chunk: int = 8):
+    """log_softmax(template) at each example's response-predicting positions: list of (R_i, V) float16."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(examples), chunk):
+            batch = examples[s : s + chunk]
+            ids, mask, rows, cols, _ = _pad_batch(batch, pad_id)
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            lp = torch.log_softmax(logits[rows, cols].float(), dim=-1)        # (N, V)
+            sizes = [len(e.response_ids) for e in batch]
+            out.extend(t.to(torch.float16).cpu() for t in lp.split(sizes))
+    return out
+
+
+def combined_losses(tlp, delta_logits, targets, alpha: float):
+    """Per-token CE and KL of the combined model. tlp, delta_logits: (N, V); targets: (N,)."""
+    import torch
+
+    from cmc_edge.combine import combine_torch
+
+    logp_c = torch.log_softmax(combine_torch(tlp, delta_logits, alpha), dim=-1)      # (N, V)
+    ce = -logp_c.gather(-1, targets[:, None]).squeeze(-1)                             # (N,)
+    p_t = tlp.float().exp()
+    kl = (p_t * (tlp.float() - logp_c)).sum(-1)                                       # (N,)
+    return ce, kl
+
+
+def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
+          overwrite: bool = False) -> Path:
+    """Train a delta beside ``template`` on ``data`` ({"sft"|"forget"|"retain": [Example]}) and
+    write an HF checkpoint (config.json, model.safetensors, tokenizer, cmc.json, loss_log.json)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from cmc_edge.artifacts import atomic_dir
+    from cmc_edge.train.model import DeltaConfig, build_delta, count_parameters
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"{out_dir} already exists", fix="choose another --out or pass --overwrite")
+    roles = [r for r in ("sft", "forget", "retain") if data.get(r)]
+    if cfg.objective == "sft" and not data.get("sft"):
+        raise InputError("the sft objective needs training examples", fix="pass --data FILE.jsonl")
+    if cfg.objective.startswith("unlearn") and not data.get("forget"):
+        raise InputError(f"the {cfg.objective} objective needs forget examples", fix="pass --forget FILE.jsonl")
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tok = template.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dcfg = DeltaConfig.preset(cfg.size, vocab_size=template.vocab_size,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    delta = build_delta(dcfg, seed=cfg.seed).to(cfg.device)
+    delta.train()
+    log.info("delta: %s preset, %.1fM parameters", cfg.size, count_parameters(delta) / 1e6)
+
+    cache = {}
+    if cfg.cache_template:
+        t0 = time.perf_counter()
+        for r in roles:
+            cache[r] = template_logprobs(template.model, data[r], pad_id)
+        log.info("cached template log-probs in %.1fs", time.perf_counter() - t0)
+
+    # The zero-initialised final-norm weight gates every logit; Adam moves it ~lr per step, so at
+    # the base rate the delta would need thousands of steps to speak. It gets a higher rate.
+    gate = [delta.model.norm.weight]
+    rest = [p for p in delta.parameters() if p is not gate[0]]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": gate, "lr": cfg.lr * cfg.gate_lr_mult}],
+                            lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    # Each step draws from every role present: half forget / half retain for unlearning.
+    share = {r: max(1, cfg.batch_size // len(roles)) for r in roles}
+    loss_log = []
+    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, unit="step")
+    t_start, n_tok = time.perf_counter(), 0
+    for step in bar:
+        parts = {}
+        for r in roles:
+            idx = torch.randint(len(data[r]), (share[r],), generator=gen).tolist()
+            parts[r] = idx
+        batch = [data[r][i] for r in roles for i in parts[r]]
+        batch_roles = [r for r in roles for _ in parts[r]]
+        ids, mask, rows, cols, targets = _pad_batch(batch, pad_id)
+        if cfg.cache_template:
+            tlp = torch.cat([cache[r][i] for r in roles for i in parts[r]]).float()
+        else:
+            tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
+        hidden = delta.model(input_ids=ids.to(cfg.device), attention_mask=mask.to(cfg.device)).last_hidden_state
+        d = delta.lm_head(hidden[rows, cols])                                          # (N, V)
+        ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha)
+        tok_role = [batch_roles[i] for i in rows.tolist()]
+        sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
+        terms = {}
+        if "sft" in sel:
+            terms["sft"] = ce[sel["sft"]].mean()
+        if "forget" in sel:
+            if cfg.objective == "unlearn-gd":
+                terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
+            else:
+                terms["forget"] = ce[sel["forget"]].mean()
+        if "retain" in sel:
+            if cfg.objective == "unlearn-gd":
+                terms["retain"] = ce[sel["retain"]].mean() + cfg.kl_weight * kl[sel["retain"]].mean()
+            else:
+                terms["retain"] = cfg.kl_weight * kl[sel["retain"]].mean()
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise InputError(f"training diverged at step {step} (loss {loss.item()})",
+                             fix="lower --lr or --alpha")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        n_tok += int(mask.sum())
+        rec = {"step": step + 1, "loss": round(loss.item(), 5),
+               **{k: round(v.item(), 5) for k, v in terms.items()},
+               "tokens_per_s": round(n_tok / (time.perf_counter() - t_start), 1)}
+        loss_log.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    delta.eval()
+    meta = {
+        "format": "cmc-edge-checkpoint",
+        "format_version": 1,
+        "alpha": cfg.alpha,
+        "objective": cfg.objective,
+        "template": template.describe(),
+        "prompt_format": template.prompt_format.to_dict(),
+        "delta_config": dcfg.to_dict(),
+        "train_config": asdict(cfg),
+        "examples": {r: len(data[r]) for r in roles},
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        delta.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "cmc.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "loss_log.json").write_text(json.dumps(loss_log) + "\n")
+    log.info("wrote delta checkpoint %s", out_dir)
+    return out_dir
