@@ -1,0 +1,160 @@
+"""Checkpoint -> delta bundle: export, validate, quantize, describe, checksum; all or nothing.
+
+The bundle is built in a temporary directory beside ``out_dir`` and renamed into place only
+after every check passed and the finished bundle loads and verifies with the runtime's own
+:func:`cmc_edge.runtime.bundle.load_bundle`; an interrupted or failed export leaves nothing.
+
+>>> export_bundle("ckpt/", "bundle/")                    # doctest: +SKIP
+PosixPath('bundle')
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmc_edge.artifacts import atomic_dir, read_json, sha256_file, write_json
+from cmc_edge.errors import ArtifactError, InputError
+from cmc_edge.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, COMBINATION, MANIFEST, load_bundle
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cmc-edge-checkpoint"
+CHECKPOINT_VERSION = 1
+FP32_NAME = "delta.onnx"
+INT8_NAME = "delta.int8.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+# Copied when present; tokenizer.json alone is what the runtime reads.
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_REQUIRED = ("cmc.json", "config.json", "model.safetensors", TOKENIZER_NAME)
+_RETRAIN = "point at a directory written by `cmc-edge train`, or re-run training"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A delta training checkpoint directory and its ``cmc.json``."""
+
+    root: Path
+    meta: dict
+
+    @property
+    def alpha(self) -> float:
+        return float(self.meta["alpha"])
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Check that ``path`` is a complete delta checkpoint of a format this version reads."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"no delta checkpoint at {root} (not a directory)", fix=_RETRAIN)
+    missing = [f for f in _REQUIRED if not (root / f).is_file()]
+    if missing:
+        hint = (" (it looks like an exported bundle, which is already the export's output)"
+                if (root / MANIFEST).is_file() else "")
+        raise InputError(f"{root} is not a delta checkpoint: it lacks {', '.join(missing)}{hint}", fix=_RETRAIN)
+    meta = read_json(root / "cmc.json", "checkpoint metadata (cmc.json)")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{root / 'cmc.json'} has format {meta.get('format')!r}, not {CHECKPOINT_FORMAT!r}",
+                            fix=_RETRAIN)
+    if meta.get("format_version") != CHECKPOINT_VERSION:
+        raise ArtifactError(f"{root / 'cmc.json'} is checkpoint format version {meta.get('format_version')!r}; "
+                            f"this cmc-edge exports version {CHECKPOINT_VERSION}",
+                            fix="use the cmc-edge version that trained it, or re-run training")
+    for key in ("alpha", "template", "prompt_format", "delta_config"):
+        if key not in meta:
+            raise ArtifactError(f"{root / 'cmc.json'} lacks {key!r}", fix=_RETRAIN)
+    return Checkpoint(root=root, meta=meta)
+
+
+def load_delta_model(ckpt: Checkpoint):
+    """The checkpoint's ``LlamaForCausalLM``, fp32, eval mode, eager attention."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    want = ckpt.meta["delta_config"].get("vocab_size")
+    if want is not None and want != model.config.vocab_size:
+        raise ArtifactError(f"{ckpt.root}: cmc.json says vocab_size {want} but config.json says "
+                            f"{model.config.vocab_size}", fix=_RETRAIN)
+    return model
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool = True, opset: int | None = None,
+                  tolerance: float = 1e-4, overwrite: bool = False) -> Path:
+    """Export the delta checkpoint at ``checkpoint_dir`` to a bundle at ``out_dir``; return ``out_dir``.
+
+    Raises :class:`cmc_edge.errors.ExportValidationError` (with ``max_abs_diff``) when the fp32 graph
+    differs from PyTorch by more than ``tolerance``, or the INT8 graph fails its agreement check.
+    """
+    from tqdm.auto import tqdm
+
+    from cmc_edge import __version__
+    from cmc_edge.export.onnx import DEFAULT_OPSET, export_onnx, validate_onnx
+    from cmc_edge.export.quantize import compare_int8, quantize_int8
+    from cmc_edge.tokenmap import read_tokenizer_json
+
+    if not tolerance > 0:
+        raise InputError(f"tolerance must be positive, got {tolerance!r}", fix="e.g. --tolerance 1e-4")
+    opset = DEFAULT_OPSET if opset is None else opset
+    ckpt = read_checkpoint(checkpoint_dir)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp, \
+            tqdm(total=5 if int8 else 3, desc="export", unit="stage") as bar:
+        bar.set_postfix_str("ONNX")
+        model = load_delta_model(ckpt)
+        spec = export_onnx(model, tmp / FP32_NAME, opset=opset)
+        bar.update()
+        bar.set_postfix_str("validate")
+        validation = validate_onnx(model, tmp / FP32_NAME, spec, tolerance=tolerance)
+        bar.update()
+        models = {"fp32": FP32_NAME}
+        if int8:
+            bar.set_postfix_str("INT8")
+            quantize_int8(tmp / FP32_NAME, tmp / INT8_NAME)
+            bar.update()
+            bar.set_postfix_str("INT8 check")
+            validation["int8"] = compare_int8(tmp / FP32_NAME, tmp / INT8_NAME, spec)
+            models["int8"] = INT8_NAME
+            bar.update()
+        bar.set_postfix_str("manifest")
+        for name in (TOKENIZER_NAME, *TOKENIZER_EXTRAS):
+            if (ckpt.root / name).is_file():
+                shutil.copyfile(ckpt.root / name, tmp / name)
+        vocab = read_tokenizer_json(tmp / TOKENIZER_NAME)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "combination": COMBINATION,
+            "default_alpha": ckpt.alpha,
+            "objective": ckpt.meta.get("objective"),
+            "prompt_format": ckpt.meta["prompt_format"],
+            "template": ckpt.meta["template"],
+            "delta_vocab_hash": vocab.hash,
+            "delta_config": ckpt.meta["delta_config"],
+            "onnx": {**spec.to_dict(), "opset": opset},
+            "models": models,
+            "tokenizer": TOKENIZER_NAME,
+            "files": files,
+            "validation": validation,
+            "created_by": f"cmc-edge {__version__}",
+            "exported_with": _versions(),
+        }
+        write_json(tmp / MANIFEST, manifest)
+        load_bundle(tmp, verify=True)              # the runtime must accept what we ship
+        bar.update()
+    log.info("wrote delta bundle %s", out_dir)
+    return out_dir

@@ -1,0 +1,209 @@
+"""Load and verify a delta bundle: the self-describing directory written by ``cmc-edge export``.
+
+A bundle is ``manifest.json`` plus the files it names, each with its SHA-256::
+
+    bundle/
+      manifest.json        format, version, combination rule, alpha, prompt format, vocab hash, graph I/O, checksums
+      delta.onnx           fp32 graph with KV cache
+      delta.int8.onnx      weights-only INT8 (optional)
+      tokenizer.json ...   the delta's tokenizer
+
+Loading checks the format and version, that every file named stays inside the bundle directory,
+and (``verify=True``) every checksum; each failure says what is wrong and how to fix it.
+No torch here: this module runs on the edge.
+
+>>> spec = OnnxSpec.for_layers(num_layers=1, num_kv_heads=2, head_dim=8, vocab_size=100, max_positions=64)
+>>> spec.input_names
+('input_ids', 'position_ids', 'past_key_0', 'past_value_0')
+>>> spec.output_names
+('logits', 'present_key_0', 'present_value_0')
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from cmc_edge.artifacts import read_json, safe_member, sha256_file
+from cmc_edge.errors import ArtifactError, InputError
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "cmc-edge-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+COMBINATION = "log_softmax(template_logits) + alpha * delta_logits"
+Variant = Literal["fp32", "int8"]
+
+_REEXPORT = "re-export it with `cmc-edge export CHECKPOINT --out DIR`"
+
+
+@dataclass(frozen=True)
+class OnnxSpec:
+    """The delta graph's interface (batch 1, no padding; S new tokens on top of P cached ones).
+
+    inputs ``input_ids``/``position_ids`` int64 (1, S), ``past_{key,value}_i`` float32 (1, H, P, Dh);
+    outputs ``logits`` float32 (1, S, V), ``present_{key,value}_i`` float32 (1, H, P+S, Dh).
+    """
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_positions"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ArtifactError(f"the bundle's onnx.{name} must be a positive integer, got {v!r}", fix=_REEXPORT)
+        n = 2 + 2 * self.num_layers
+        if len(self.input_names) != n or len(self.output_names) != n - 1:
+            raise ArtifactError(
+                f"the bundle's graph names {len(self.input_names)} inputs and {len(self.output_names)} outputs, "
+                f"but {self.num_layers} layers need {n} and {n - 1}", fix=_REEXPORT)
+
+    @classmethod
+    def for_layers(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int,
+                   max_positions: int) -> "OnnxSpec":
+        """The canonical names for ``num_layers`` layers (what the exporter writes)."""
+        kv = [f"{k}_{i}" for i in range(num_layers) for k in ("key", "value")]
+        return cls(input_names=("input_ids", "position_ids", *(f"past_{x}" for x in kv)),
+                   output_names=("logits", *(f"present_{x}" for x in kv)),
+                   num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   vocab_size=vocab_size, max_positions=max_positions)
+
+    @property
+    def past_names(self) -> tuple[str, ...]:
+        return self.input_names[2:]
+
+    @property
+    def present_names(self) -> tuple[str, ...]:
+        return self.output_names[1:]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_names"], d["output_names"] = list(self.input_names), list(self.output_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: object) -> "OnnxSpec":
+        keys = ("input_names", "output_names", "num_layers", "num_kv_heads", "head_dim", "vocab_size",
+                "max_positions")
+        if not isinstance(d, dict) or any(k not in d for k in keys):
+            raise ArtifactError(f"the bundle manifest's 'onnx' entry must be an object with {', '.join(keys)}",
+                                fix=_REEXPORT)
+        if not all(isinstance(n, str) for n in [*d["input_names"], *d["output_names"]]):
+            raise ArtifactError("the bundle's graph input/output names must be strings", fix=_REEXPORT)
+        return cls(input_names=tuple(d["input_names"]), output_names=tuple(d["output_names"]),
+                   **{k: d[k] for k in keys[2:]})
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified delta bundle. Paths are absolute and inside ``root``."""
+
+    root: Path
+    manifest: dict
+    files: dict[str, Path]               # every checksummed file, by its name in the manifest
+    models: dict[str, Path]              # variant ("fp32", "int8") -> ONNX file
+    tokenizer_path: Path
+    onnx: OnnxSpec
+    prompt_format: dict
+    default_alpha: float
+    delta_vocab_hash: str
+
+    @property
+    def max_positions(self) -> int:
+        return self.onnx.max_positions
+
+    def model_path(self, variant: Variant = "fp32") -> Path:
+        if variant not in self.models:
+            have = ", ".join(sorted(self.models)) or "none"
+            fix = ("re-export without --no-int8, or use the fp32 variant" if variant == "int8"
+                   else "use one of the variants it has")
+            raise InputError(f"the bundle at {self.root} has no {variant!r} model (it has: {have})", fix=fix)
+        return self.models[variant]
+
+
+def _check_format(manifest: dict, where: Path) -> None:
+    fmt, ver = manifest.get("format"), manifest.get("format_version")
+    if fmt != BUNDLE_FORMAT:
+        fix = ("this is a training checkpoint; export it first with `cmc-edge export`"
+               if fmt == "cmc-edge-checkpoint" else "pass a directory written by `cmc-edge export`")
+        raise ArtifactError(f"{where} has format {fmt!r}, not {BUNDLE_FORMAT!r}", fix=fix)
+    if not isinstance(ver, int) or isinstance(ver, bool):
+        raise ArtifactError(f"{where} has no valid format_version ({ver!r})", fix=_REEXPORT)
+    if ver > BUNDLE_VERSION:
+        raise ArtifactError(f"{where} is bundle format version {ver}; this cmc-edge reads version {BUNDLE_VERSION}",
+                            fix="upgrade cmc-edge (`pip install -U cmc-edge`)")
+    if ver < BUNDLE_VERSION:
+        raise ArtifactError(f"{where} is bundle format version {ver}, no longer supported "
+                            f"(this cmc-edge reads version {BUNDLE_VERSION})", fix=_REEXPORT)
+
+
+def _member(root: Path, name: object, files: dict[str, Path], what: str) -> Path:
+    if not isinstance(name, str) or name not in files:
+        raise ArtifactError(f"the bundle manifest names {what} {name!r}, which is not among its checksummed files",
+                            fix=_REEXPORT)
+    return files[name]
+
+
+def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Read ``path/manifest.json``, check format, member paths and (``verify``) every SHA-256."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"no delta bundle at {root} (not a directory)",
+                         fix="pass the directory written by `cmc-edge export`")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        fix = ("this is a training checkpoint; export it with `cmc-edge export` first"
+               if (root / "cmc.json").is_file() else
+               "pass the directory written by `cmc-edge export`, or " + _REEXPORT + " (an interrupted copy?)")
+        raise ArtifactError(f"{root} has no {MANIFEST}, so it is not a delta bundle", fix=fix)
+    manifest = read_json(mpath, "bundle manifest")
+    _check_format(manifest, mpath)
+
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not listed:
+        raise ArtifactError(f"{mpath} lists no files", fix=_REEXPORT)
+    files: dict[str, Path] = {}
+    for name, digest in listed.items():
+        p = safe_member(root, name)
+        if not p.is_file():
+            raise ArtifactError(f"the bundle file {name} is missing from {root}",
+                                fix="copy the whole bundle directory, or " + _REEXPORT)
+        if verify:
+            actual = sha256_file(p)
+            if actual != digest:
+                raise ArtifactError(f"the bundle file {name} fails its checksum (sha256 {actual[:12]}..., "
+                                    f"manifest says {str(digest)[:12]}...): it is corrupt or was modified",
+                                    fix="copy the bundle again, or " + _REEXPORT)
+        files[name] = p
+
+    models_entry = manifest.get("models")
+    if not isinstance(models_entry, dict) or "fp32" not in models_entry:
+        raise ArtifactError(f"{mpath} names no fp32 model", fix=_REEXPORT)
+    models = {v: _member(root, n, files, f"the {v} model") for v, n in models_entry.items()}
+    tokenizer_path = _member(root, manifest.get("tokenizer"), files, "the tokenizer")
+
+    alpha = manifest.get("default_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ArtifactError(f"{mpath} has no finite default_alpha ({alpha!r})", fix=_REEXPORT)
+    vocab_hash = manifest.get("delta_vocab_hash")
+    if not isinstance(vocab_hash, str) or not vocab_hash:
+        raise ArtifactError(f"{mpath} has no delta_vocab_hash", fix=_REEXPORT)
+    prompt_format = manifest.get("prompt_format") or {}
+    if not isinstance(prompt_format, dict):
+        raise ArtifactError(f"{mpath} has a malformed prompt_format", fix=_REEXPORT)
+
+    bundle = Bundle(root=root.resolve(), manifest=manifest, files=files, models=models,
+                    tokenizer_path=tokenizer_path, onnx=OnnxSpec.from_dict(manifest.get("onnx")),
+                    prompt_format=prompt_format, default_alpha=float(alpha), delta_vocab_hash=vocab_hash)
+    log.debug("loaded delta bundle %s (%s)", root, ", ".join(sorted(models)))
+    return bundle

@@ -1,0 +1,165 @@
+"""The delta model at decode time: an onnxruntime session plus its KV cache (numpy + onnxruntime, no torch).
+
+``feed`` runs new token ids on top of the cache and returns the logits of the last one;
+``rollback`` truncates the cache (a slice, no recompute) when the delta's tokenization of the
+generated text is re-segmented; ``reset`` empties it. The cache stays in onnxruntime's own
+buffers (``OrtValue``s, on the session's device) and the ``present_*`` outputs of one step are
+bound as the ``past_*`` inputs of the next, so a step copies nothing but the new logits row.
+
+>>> from cmc_edge.runtime.bundle import load_bundle                     # doctest: +SKIP
+>>> delta = OnnxDelta(load_bundle("bundle/"), variant="int8")           # doctest: +SKIP
+>>> logits = delta.feed([12, 345, 6]); logits.shape, delta.n_past       # doctest: +SKIP
+((49152,), 3)
+>>> delta.rollback(2); _ = delta.feed([7])                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from cmc_edge.errors import ArtifactError, DeltaFault, InputError
+from cmc_edge.runtime.bundle import Bundle, OnnxSpec
+
+log = logging.getLogger(__name__)
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+class OnnxDelta:
+    """One delta session with its KV cache. Not thread-safe: one generation at a time."""
+
+    def __init__(self, bundle: Bundle, variant: Literal["fp32", "int8"] = "fp32",
+                 providers: list[str] | None = None, threads: int = 1):
+        self._setup(bundle.model_path(variant), bundle.onnx, providers, threads)
+
+    @classmethod
+    def from_file(cls, onnx_path: str | Path, spec: OnnxSpec, *, providers: list[str] | None = None,
+                  threads: int = 1) -> "OnnxDelta":
+        """A session on a bare graph file (the exporter validates with this before the bundle exists)."""
+        self = cls.__new__(cls)
+        self._setup(Path(onnx_path), spec, providers, threads)
+        return self
+
+    def _setup(self, path: Path, spec: OnnxSpec, providers: list[str] | None, threads: int) -> None:
+        import onnxruntime as ort
+
+        if not isinstance(threads, int) or threads < 1:
+            raise InputError(f"threads must be a positive integer, got {threads!r}", fix="e.g. --threads 1")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The delta runs beside llama.cpp; spinning worker threads would steal its cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers or default_providers())
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise ArtifactError(f"onnxruntime cannot load the delta graph {path}: {exc}",
+                                fix="re-export the bundle, or check that onnxruntime is >= 1.18") from exc
+        ins = tuple(i.name for i in self.session.get_inputs())
+        outs = tuple(o.name for o in self.session.get_outputs())
+        if set(ins) != set(spec.input_names) or set(outs) != set(spec.output_names):
+            raise ArtifactError(f"the delta graph {path} has inputs {list(ins)} and outputs {list(outs)}, "
+                                "not the ones its manifest declares",
+                                fix="re-export the bundle with `cmc-edge export`")
+        self.spec = spec
+        self.path = path
+        self.max_positions = spec.max_positions
+        self.providers = self.session.get_providers()
+        self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._binding = self.session.io_binding()
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        """Tokens in the KV cache (= the position of the next token)."""
+        return self._n_past
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        import onnxruntime as ort
+
+        s = self.spec
+        empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), dtype=np.float32)    # (1, H, 0, Dh)
+        self._past = [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0) for _ in s.past_names]
+        self._n_past = 0
+
+    def rollback(self, n_past: int) -> None:
+        """Keep only the first ``n_past`` cached tokens (a slice of the cache, no recompute)."""
+        import onnxruntime as ort
+
+        if not 0 <= n_past <= self._n_past:
+            raise InputError(f"cannot roll the delta back to {n_past} tokens: it holds {self._n_past}",
+                             fix="roll back to a length between 0 and n_past")
+        if n_past == self._n_past:
+            return
+        if n_past == 0:
+            self.reset()
+            return
+        self._past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n_past]),
+                                                       self._device, 0)                 # (1, H, n, Dh)
+                      for v in self._past]
+        self._n_past = n_past
+
+    # -- stepping ----------------------------------------------------------------------------
+    def feed(self, ids: Sequence[int]) -> np.ndarray:
+        """Run ``ids`` after the cached tokens; return the last position's logits (V,) float32."""
+        return self._run(ids, last_only=True)
+
+    def feed_all(self, ids: Sequence[int]) -> np.ndarray:
+        """Like :meth:`feed` but return every new position's logits (S, V) (validation, scoring)."""
+        return self._run(ids, last_only=False)
+
+    def _run(self, ids: Sequence[int], last_only: bool) -> np.ndarray:
+        s = self.spec
+        input_ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                       # (1, S)
+        n_new = input_ids.shape[1]
+        if n_new == 0:
+            raise InputError("feed() needs at least one token id", fix="pass a non-empty list of ids")
+        if input_ids.min() < 0 or input_ids.max() >= s.vocab_size:
+            raise InputError(f"token id out of range for the delta vocabulary of {s.vocab_size}",
+                             fix="encode text with the bundle's own tokenizer")
+        if self._n_past + n_new > self.max_positions:
+            raise InputError(f"the delta holds at most {self.max_positions} positions; {self._n_past} are cached "
+                             f"and {n_new} more were fed",
+                             fix="roll back or reset the delta (the decode loop slides its window)")
+        position_ids = np.arange(self._n_past, self._n_past + n_new, dtype=np.int64)[None]  # (1, S)
+
+        b = self._binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_cpu_input(s.input_names[0], input_ids)
+        b.bind_cpu_input(s.input_names[1], position_ids)
+        for name, value in zip(s.past_names, self._past):
+            b.bind_ortvalue_input(name, value)
+        b.bind_output(s.output_names[0], "cpu")           # outputs come back in binding order
+        for name in s.present_names:
+            b.bind_output(name, self._device)
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as exc:  # noqa: BLE001 - any runtime failure stops generation
+            raise DeltaFault(f"the delta session failed at position {self._n_past}: {exc}",
+                             fix="check the bundle with `cmc-edge inspect`") from exc
+        out = b.get_outputs()
+        logits = out[0].numpy()[0]                                                        # (S, V)
+        if last_only:     # a copy after a prefill, so the caller does not pin all S rows
+            logits = logits[-1] if n_new == 1 else logits[-1].copy()                     # (V,)
+        if not np.isfinite(logits).all():
+            raise DeltaFault(f"the delta produced non-finite logits at position {self._n_past + n_new - 1}",
+                             fix="re-export the bundle; check it with `cmc-edge inspect`")
+        self._past = list(out[1:])
+        self._n_past += n_new
+        return logits

@@ -1,0 +1,185 @@
+"""Export stage: ONNX with KV cache matches PyTorch, INT8 is checked, the bundle is atomic and self-describing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cmc_edge.artifacts import sha256_file
+from cmc_edge.errors import ArtifactError, ExportValidationError, InputError
+from cmc_edge.export import export_bundle, read_checkpoint
+from cmc_edge.runtime.bundle import COMBINATION, load_bundle
+from cmc_edge.runtime.onnx_delta import OnnxDelta
+from tiny_checkpoint import make_tiny_checkpoint
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(checkpoint, tmp_path_factory):
+    return export_bundle(checkpoint, tmp_path_factory.mktemp("out") / "bundle", tolerance=TOL)
+
+
+@pytest.fixture(scope="module")
+def torch_model(checkpoint):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(checkpoint).eval()
+
+
+def torch_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].numpy()           # (N, V)
+
+
+@pytest.mark.parametrize("chunks", [(7,), (7, 1), (7, 3), (7, 1, 3, 1, 1), (1, 1, 2)])
+def test_onnx_matches_pytorch_prefill_and_incremental(bundle_dir, torch_model, chunks):
+    b = load_bundle(bundle_dir)
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, b.onnx.vocab_size, sum(chunks))]
+    ref = torch_logits(torch_model, ids)
+    assert ref.std() > 0.05                          # the tiny delta is not the all-zero no-op
+    delta = OnnxDelta(b, "fp32", providers=["CPUExecutionProvider"])
+    n = 0
+    for c in chunks:                                 # P = n cached tokens, S = c new ones
+        got = delta.feed_all(ids[n:n + c])
+        np.testing.assert_allclose(got, ref[n:n + c], atol=TOL, rtol=0)
+        n += c
+    assert delta.n_past == len(ids)
+
+
+def test_manifest_describes_the_bundle(bundle_dir, checkpoint):
+    from cmc_edge.tokenmap import read_tokenizer_json
+
+    meta = json.loads((checkpoint / "cmc.json").read_text())
+    b = load_bundle(bundle_dir)
+    m = b.manifest
+    assert (m["format"], m["format_version"], m["combination"]) == ("cmc-edge-bundle", 1, COMBINATION)
+    assert b.default_alpha == meta["alpha"] == 1.5
+    assert b.prompt_format == meta["prompt_format"] and m["template"] == meta["template"]
+    assert m["delta_config"] == meta["delta_config"]
+    assert b.delta_vocab_hash == read_tokenizer_json(checkpoint / "tokenizer.json").hash
+    assert (b.onnx.num_layers, b.onnx.num_kv_heads, b.onnx.head_dim) == (2, 2, 16)
+    assert b.onnx.vocab_size == meta["delta_config"]["vocab_size"] and b.max_positions == 128
+    assert set(b.models) == {"fp32", "int8"}
+    assert {"delta.onnx", "delta.int8.onnx", "tokenizer.json", "tokenizer_config.json"} <= set(m["files"])
+    assert all(sha256_file(bundle_dir / n) == h for n, h in m["files"].items())
+    assert 0 <= m["validation"]["max_abs_diff"] <= m["validation"]["tolerance"] == TOL
+    assert m["validation"]["int8"]["top1_in_top5"] >= m["validation"]["int8"]["min_top1_in_top5"]
+    assert m["created_by"].startswith("cmc-edge ")
+    assert sorted(p.name for p in bundle_dir.iterdir()) == sorted([*m["files"], "manifest.json"])
+
+
+def test_bundle_gets_ordinary_permissions(bundle_dir):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert bundle_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in bundle_dir.iterdir())
+
+
+def test_int8_variant_follows_fp32(bundle_dir):
+    b = load_bundle(bundle_dir)
+    ids = [int(i) for i in np.random.default_rng(9).integers(0, b.onnx.vocab_size, 20)]
+    fp = OnnxDelta(b, "fp32", providers=["CPUExecutionProvider"]).feed_all(ids)
+    q = OnnxDelta(b, "int8", providers=["CPUExecutionProvider"]).feed_all(ids)
+    assert not np.array_equal(fp, q)                                             # really quantized
+    assert np.abs(fp - q).max() < 0.5 and np.corrcoef(fp.ravel(), q.ravel())[0, 1] > 0.99
+    assert (q.argmax(-1)[:, None] == np.argsort(-fp, -1)[:, :5]).any(-1).mean() >= 0.95
+    assert (bundle_dir / "delta.int8.onnx").stat().st_size < (bundle_dir / "delta.onnx").stat().st_size
+
+
+def test_tolerance_too_tight_raises_with_the_difference(checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportValidationError) as info:
+        export_bundle(checkpoint, out, tolerance=1e-12, int8=False)
+    e = info.value
+    assert 1e-12 < e.max_abs_diff < TOL and e.tolerance == 1e-12
+    assert "tolerance" in str(e) and e.fix
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_validation_catches_a_graph_that_differs(checkpoint, bundle_dir):
+    """A model changed after export no longer matches its graph: the check must see it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from cmc_edge.export.onnx import validate_onnx
+
+    model = LlamaForCausalLM.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    b = load_bundle(bundle_dir)
+    with pytest.raises(ExportValidationError) as info:
+        validate_onnx(model, b.model_path("fp32"), b.onnx, tolerance=TOL)
+    assert info.value.max_abs_diff > TOL and info.value.tolerance == TOL
+
+
+def test_interrupted_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    import cmc_edge.export.quantize as quantize
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "quantize_int8", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(checkpoint, tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(checkpoint, bundle_dir, tmp_path):
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, out)
+    with pytest.raises(InputError, match="already exists"):
+        export_bundle(checkpoint, out, int8=False)
+    export_bundle(checkpoint, out, int8=False, overwrite=True)
+    assert set(load_bundle(out).models) == {"fp32"}
+
+
+def _drop(name):
+    def edit(ckpt):
+        (ckpt / name).unlink()
+    return edit
+
+
+def _meta(**changes):
+    def edit(ckpt):
+        meta = json.loads((ckpt / "cmc.json").read_text())
+        meta.update(changes)
+        (ckpt / "cmc.json").write_text(json.dumps(meta))
+    return edit
+
+
+def _drop_key(key):
+    def edit(ckpt):
+        meta = json.loads((ckpt / "cmc.json").read_text())
+        del meta[key]
+        (ckpt / "cmc.json").write_text(json.dumps(meta))
+    return edit
+
+
+@pytest.mark.parametrize("edit, error, problem", [
+    (_drop("model.safetensors"), InputError, "lacks model.safetensors"),
+    (_drop("cmc.json"), InputError, "lacks cmc.json"),
+    (_meta(format="something-else"), ArtifactError, "format 'something-else'"),
+    (_meta(format_version=2), ArtifactError, "version 2"),
+    (_drop_key("alpha"), ArtifactError, "lacks 'alpha'"),
+    (lambda ckpt: shutil.rmtree(ckpt), InputError, "not a directory"),
+])
+def test_bad_checkpoints(checkpoint, tmp_path, edit, error, problem):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    edit(ckpt)
+    with pytest.raises(error, match=problem) as info:
+        read_checkpoint(ckpt)
+    assert info.value.fix
