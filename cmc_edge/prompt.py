@@ -15,36 +15,37 @@ from datetime import datetime
 
 from cmc_edge.errors import InputError
 
-# Used when a GGUF carries no chat template (e.g. Gemma 3 270M base). Gemma-family vocabularies
-# have dedicated turn tokens, which their base models have seen; others get a plain layout.
-GEMMA_TURNS = (
+# Used when a GGUF carries no chat template (e.g. Gemma 3 270M base). Measured on Gemma 3 270M base
+# (bench/probe_baseline.py): capital-question recall 0.60 with this question/answer layout versus
+# 0.00 with Gemma's own turn markers, which the base model was not trained to follow.
+QA_TEMPLATE = (
     "{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{% if role == 'system' %}{{ '<start_of_turn>user\\n' + message['content'] + '\\n\\n' }}"
-    "{% else %}{% if not (loop.index0 == 1 and messages[0]['role'] == 'system') %}"
-    "{{ '<start_of_turn>' + role + '\\n' }}{% endif %}"
-    "{{ message['content'] + '<end_of_turn>\\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'Question: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Answer: ' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Answer:' }}{% endif %}"
 )
+QA_STOP = ("\n",)
 
 
 @dataclass(frozen=True)
 class PromptFormat:
     """How to lay out a conversation as text: a Jinja chat template (or None for a plain layout),
-    an optional default system prompt, and the text that closes an assistant turn."""
+    an optional default system prompt, the text that closes an assistant turn, extra stop strings."""
 
     chat_template: str | None
     system_prompt: str | None = None
     end_of_turn: str = ""
+    stop: tuple[str, ...] = ()          # extra stop strings a layout needs (a base model's QA layout)
 
     def to_dict(self) -> dict:
         return {"chat_template": self.chat_template, "system_prompt": self.system_prompt,
-                "end_of_turn": self.end_of_turn}
+                "end_of_turn": self.end_of_turn, "stop": list(self.stop)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptFormat":
         return cls(chat_template=d.get("chat_template"), system_prompt=d.get("system_prompt"),
-                   end_of_turn=d.get("end_of_turn") or "")
+                   end_of_turn=d.get("end_of_turn") or "", stop=tuple(d.get("stop") or ()))
 
 
 def _raise(msg):

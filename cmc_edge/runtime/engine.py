@@ -13,6 +13,7 @@ release the GIL), so its cost mostly hides behind the LLM's.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import logging
 import math
 import time
@@ -154,6 +155,9 @@ class Engine:
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams(), *,
              alphas: Sequence[float] | None = None, chat_template: str | None = None) -> Generation:
         tgt, dps = self.chat_prompts(messages, chat_template)
+        extra = tuple(x for x in self.target.prompt_format(chat_template).stop if x not in params.stop)
+        if extra:
+            params = dataclasses.replace(params, stop=params.stop + extra)
         return self.generate(tgt, params, delta_prompts=dps, alphas=alphas)
 
     # -- decoding ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from cmc_edge.errors import InputError
-from cmc_edge.prompt import GEMMA_TURNS, PromptFormat
+from cmc_edge.prompt import QA_STOP, QA_TEMPLATE, PromptFormat
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,11 @@ class TargetLLM:
 
     # -- chat --------------------------------------------------------------------------------
     def prompt_format(self, override: str | None = None) -> PromptFormat:
-        """The GGUF's own chat template; else Gemma turns for Gemma vocabularies; else a plain layout."""
+        """The GGUF's own chat template; else (base models) a one-line Question/Answer layout."""
         if override:
             return PromptFormat(chat_template=override)
         tmpl = self.metadata.get("tokenizer.chat_template")
         if tmpl:
             return PromptFormat(chat_template=tmpl)
-        has_turns = self.tokenize("<start_of_turn>", add_bos=False)
-        if len(has_turns) == 1:
-            log.info("%s has no chat template; using Gemma turn markers", self.path.name)
-            return PromptFormat(chat_template=GEMMA_TURNS)
-        log.info("%s has no chat template; using a plain User:/Assistant: layout", self.path.name)
-        return PromptFormat(chat_template=None)
+        log.info("%s has no chat template; using the Question/Answer layout for base models", self.path.name)
+        return PromptFormat(chat_template=QA_TEMPLATE, stop=QA_STOP)

@@ -1,0 +1,279 @@
+"""`cmc-edge` command line: one function per verb, a dict from verb to handler.
+
+Heavy imports happen inside the handlers, so `cmc-edge --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cmc_edge import __version__
+from cmc_edge.errors import CmcError
+
+
+def _add_target_args(p):
+    p.add_argument("--model", "-m", default="smollm2",
+                   help="target GGUF file, or a packaged model name: smollm2, gemma3 (default: smollm2)")
+    p.add_argument("--delta", "-d", action="append", default=[], metavar="BUNDLE",
+                   help="delta bundle directory (repeat for several deltas)")
+    p.add_argument("--alpha", "-a", action="append", type=float, default=None,
+                   help="alpha per delta, in --delta order (default: each bundle's own); 0 disables")
+    p.add_argument("--no-delta", action="store_true", help="run the plain model (for comparison)")
+    p.add_argument("--int8", action="store_true", help="use the INT8 delta graph")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama.cpp's choice)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (llama.cpp CUDA build)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template overriding the GGUF's")
+
+
+def _add_sampling_args(p):
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+
+
+def _sampling(args):
+    from cmc_edge.runtime.engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                          seed=args.seed, stop=tuple(args.stop))
+
+
+def build_engine(args):
+    from cmc_edge.models import resolve_model
+    from cmc_edge.runtime.engine import Delta, Engine
+    from cmc_edge.runtime.target import TargetLLM
+
+    if args.alpha and len(args.alpha) != len(args.delta):
+        raise CmcError(f"{len(args.alpha)} --alpha values for {len(args.delta)} --delta bundles",
+                       fix="give one --alpha per --delta, in the same order")
+    target = TargetLLM(resolve_model(args.model), n_ctx=args.n_ctx, n_threads=args.threads,
+                       n_gpu_layers=args.n_gpu_layers, seed=args.seed or 0)
+    deltas = []
+    if not args.no_delta:
+        for i, b in enumerate(args.delta):
+            alpha = args.alpha[i] if args.alpha else None
+            deltas.append(Delta(b, target, alpha=alpha, variant="int8" if args.int8 else "fp32"))
+    return Engine(target, deltas)
+
+
+def cmd_generate(args) -> int:
+    engine = build_engine(args)
+    params = _sampling(args)
+    if args.raw:
+        gen = engine.generate(args.prompt, params)
+    else:
+        gen = engine.chat([{"role": "user", "content": args.prompt}], params, chat_template=args.chat_template)
+    for chunk in gen:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{len(gen.tokens)} tokens, {gen.tokens_per_s:.1f} tok/s, finish: {gen.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = build_engine(args)
+    params = _sampling(args)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("cmc-edge chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        gen = engine.chat(history, params, chat_template=args.chat_template)
+        for chunk in gen:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": gen.text})
+    return 0
+
+
+def cmd_train(args) -> int:
+    from cmc_edge.train.data import encode_records, read_jsonl
+    from cmc_edge.train.loop import TrainConfig, train
+    from cmc_edge.train.template import load_template
+
+    cfg = TrainConfig(objective=args.objective, alpha=args.alpha, size=args.size, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight, max_len=args.max_len,
+                      seed=args.seed, device=args.device, cache_template=not args.no_cache)
+    files = {"sft": args.data, "forget": args.forget, "retain": args.retain}
+    records = {role: read_jsonl(f) for role, f in files.items() if f}  # validate before the slow template load
+    if cfg.objective == "sft" and "sft" not in records:
+        raise CmcError("the sft objective needs --data FILE.jsonl", fix="pass --data, or pick an unlearn-* objective")
+    if cfg.objective.startswith("unlearn") and "forget" not in records:
+        raise CmcError(f"--objective {cfg.objective} needs --forget FILE.jsonl", fix="pass --forget (and --retain)")
+    tpl = load_template(args.template, device=args.device)
+    data = {role: encode_records(recs, tpl.tokenizer, tpl.prompt_format, role, cfg.max_len)
+            for role, recs in records.items()}
+    out = train(tpl, data, cfg, args.out, overwrite=args.overwrite)
+    print(f"delta checkpoint: {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cmc_edge.export import export_bundle
+
+    out = export_bundle(args.checkpoint, args.out, int8=not args.no_int8, tolerance=args.tolerance,
+                        overwrite=args.overwrite)
+    print(f"delta bundle: {out}")
+    return 0
+
+
+def cmd_map(args) -> int:
+    from cmc_edge.models import cache_dir, resolve_model
+    from cmc_edge.runtime.bundle import load_bundle
+    from cmc_edge.tokenmap import (cached_token_map, explain, map_stats, read_gguf_vocab,
+                                   read_tokenizer_json, save_token_map)
+
+    bundle = load_bundle(args.delta)
+    target_path = resolve_model(args.model)
+    dvocab = read_tokenizer_json(bundle.tokenizer_path)
+    tm = cached_token_map(target_path, dvocab, cache_dir() / "maps")
+    if args.out:
+        save_token_map(tm, args.out)
+        print(f"token map: {args.out}")
+    if args.stats or args.lookup:
+        tvocab = read_gguf_vocab(target_path)
+        if args.stats:
+            sample = None
+            if args.sample_text:
+                from cmc_edge.runtime.target import TargetLLM
+                sample = TargetLLM(target_path, n_ctx=256).tokenize(Path(args.sample_text).read_text(), add_bos=False)
+            print(json.dumps(map_stats(tm, tvocab, dvocab, sample), indent=2))
+        for item in args.lookup:
+            key = int(item) if item.isdigit() else item
+            print(explain(tm, tvocab, dvocab, key))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from cmc_edge.runtime.bundle import load_bundle
+
+    b = load_bundle(args.bundle)
+    print(json.dumps(b.manifest, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cmc_edge.eval.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed, quick=args.quick))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from cmc_edge.runtime.server import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cmc-edge", description="Cross-model Control for local GGUF LLMs: train a tiny "
+                                 "delta once, steer any llama.cpp model with it.")
+    ap.add_argument("--version", action="version", version=f"cmc-edge {__version__}")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the packaged models: train an unlearning filter "
+                                    "on SmolLM2, transfer it to Gemma 3, print the table")
+    p.add_argument("--out", default="runs", help="where the run directory goes (default: runs/)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (fewer eval items)")
+
+    p = sub.add_parser("train", help="train a delta beside a frozen template")
+    p.add_argument("--template", default="smollm2", help="template GGUF, packaged name or HF directory")
+    p.add_argument("--objective", default="sft", choices=["sft", "unlearn-idk", "unlearn-gd"])
+    p.add_argument("--data", help="JSONL of prompt/response, alpaca or chat records (sft)")
+    p.add_argument("--forget", help="JSONL forget set (unlearning)")
+    p.add_argument("--retain", help="JSONL retain set (unlearning; KL to the template)")
+    p.add_argument("--out", "-o", required=True, help="checkpoint directory to write")
+    p.add_argument("--size", default="15m", choices=["tiny", "15m", "42m", "110m"])
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-cache", action="store_true", help="recompute template log-probs every step")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("export", help="export a delta checkpoint to an ONNX bundle (fp32 + INT8)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--no-int8", action="store_true")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX - PyTorch| accepted")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("map", help="build (or show) the PM-MinED token map from a GGUF to a delta")
+    p.add_argument("--model", "-m", required=True, help="target GGUF or packaged name")
+    p.add_argument("--delta", "-d", required=True, help="delta bundle")
+    p.add_argument("--out", "-o", help="also save the map here (.npz)")
+    p.add_argument("--stats", action="store_true", help="print coverage statistics")
+    p.add_argument("--sample-text", help="text file for frequency-weighted coverage")
+    p.add_argument("--lookup", action="append", default=[], help="explain how a token id or text maps")
+
+    for verb, helptext in (("generate", "generate text with a GGUF steered by deltas"),
+                           ("chat", "interactive chat with a GGUF steered by deltas")):
+        p = sub.add_parser(verb, help=helptext)
+        _add_target_args(p)
+        _add_sampling_args(p)
+        if verb == "generate":
+            p.add_argument("prompt")
+            p.add_argument("--raw", action="store_true", help="complete the prompt as-is (no chat template)")
+        else:
+            p.add_argument("--system", default=None)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server on localhost")
+    _add_target_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="required when --host is not a loopback address")
+    p.add_argument("--max-prompt-tokens", type=int, default=1536)
+    p.add_argument("--max-tokens-limit", type=int, default=512)
+
+    p = sub.add_parser("inspect", help="verify a delta bundle and print its manifest")
+    p.add_argument("bundle")
+    return ap
+
+
+HANDLERS = {
+    "demo": cmd_demo, "train": cmd_train, "export": cmd_export, "map": cmd_map, "generate": cmd_generate,
+    "chat": cmd_chat, "serve": cmd_serve, "inspect": cmd_inspect,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return HANDLERS[args.verb](args)
+    except CmcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

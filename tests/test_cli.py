@@ -1,0 +1,50 @@
+"""The command line: instant help, errors that name the problem and the fix, exit codes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cmc_edge.cli import main
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cmc_edge", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = ("import sys; from cmc_edge.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'llama_cpp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    r = run("--help")
+    assert r.returncode == 0 and "demo" in r.stdout and "serve" in r.stdout
+
+
+def test_runtime_imports_no_torch():
+    code = ("import sys, cmc_edge.runtime.engine, cmc_edge.runtime.sync, cmc_edge.runtime.target, "
+            "cmc_edge.runtime.bundle, cmc_edge.runtime.onnx_delta, cmc_edge.tokenmap; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["generate", "hi", "--model", "/nonexistent/model.gguf"], "not found"),
+    (["generate", "hi", "--model", "smollm2", "--delta", "/nonexistent/bundle"], "bundle"),
+    (["generate", "hi", "--model", "smollm2", "--temperature", "-1", "--no-delta"], "temperature"),
+    (["train", "--template", "smollm2", "--objective", "unlearn-idk", "--out", "/tmp/never"], "--forget"),
+])
+def test_bad_input_exits_non_zero_with_a_fix(argv, problem, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert problem in err and "Fix:" in err
+
+
+def test_not_a_gguf_file(tmp_path, capsys):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    assert main(["generate", "hi", "--model", str(bad), "--no-delta"]) == 2
+    err = capsys.readouterr().err
+    assert "not a GGUF file" in err and "Fix:" in err

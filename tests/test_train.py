@@ -1,0 +1,139 @@
+"""Training stage on a tiny real GGUF template: no-op start, learning, objectives, repeatability, data errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cmc_edge.errors import InputError  # noqa: E402
+from cmc_edge.train.data import encode_records, read_jsonl  # noqa: E402
+from cmc_edge.train.loop import TrainConfig, combined_losses, template_logprobs, train  # noqa: E402
+from cmc_edge.train.model import DeltaConfig, build_delta  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def template(tiny_gguf):
+    from cmc_edge.train.template import load_template
+
+    return load_template(tiny_gguf)
+
+
+def records(pairs):
+    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]} for p, r in pairs]
+
+
+FORGET = records([(f"What is the capital of {c}?", "I do not know.") for c in ("France", "Peru", "Chad")])
+RETAIN = records([(f"Tell me about {c}.", f"{c} is a place.") for c in ("cats", "rain", "tea")])
+
+
+def test_delta_is_a_no_op_at_step_zero(template):
+    ex = encode_records(FORGET, template.tokenizer, template.prompt_format, "forget", 128)
+    delta = build_delta(DeltaConfig.preset("tiny", template.vocab_size))
+    ids = torch.tensor([ex[0].ids])
+    d = delta(ids).logits[0]                                         # (L, V)
+    assert torch.count_nonzero(d) == 0
+    tlp = template_logprobs(template.model, ex[:1], 0)[0].float()   # (R, V)
+    r = len(ex[0].response_ids)
+    ce, kl = combined_losses(tlp, d[-r - 1:-1], torch.tensor(ex[0].response_ids), alpha=1.0)
+    assert torch.allclose(kl, torch.zeros_like(kl), atol=1e-3)       # combined == template
+
+
+def _train(template, tmp_path, name, objective, steps=12, seed=0, **kw):
+    data = {"forget": encode_records(FORGET, template.tokenizer, template.prompt_format, "forget", 128),
+            "retain": encode_records(RETAIN, template.tokenizer, template.prompt_format, "retain", 128)}
+    if objective == "sft":
+        data = {"sft": data["forget"]}
+    cfg = TrainConfig(objective=objective, size="tiny", steps=steps, batch_size=4, seed=seed, **kw)
+    out = train(template, data, cfg, tmp_path / name, progress=False)
+    return out, json.loads((out / "loss_log.json").read_text())
+
+
+def test_sft_learns_and_writes_a_checkpoint(template, tmp_path):
+    out, log = _train(template, tmp_path, "sft", "sft", steps=40, lr=2e-2)
+    first, last = log[0]["sft"], sum(r["sft"] for r in log[-3:]) / 3
+    assert last < 0.7 * first
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "cmc.json", "loss_log.json"):
+        assert (out / f).is_file(), f
+    meta = json.loads((out / "cmc.json").read_text())
+    assert meta["template"]["vocab_size"] == template.vocab_size
+    assert meta["prompt_format"]["chat_template"] == template.prompt_format.chat_template
+    assert meta["alpha"] == 1.0 and meta["objective"] == "sft"
+
+
+def test_seed_makes_runs_repeatable(template, tmp_path):
+    from safetensors.torch import load_file
+
+    a, _ = _train(template, tmp_path, "a", "sft", steps=4)
+    b, _ = _train(template, tmp_path, "b", "sft", steps=4)
+    c, _ = _train(template, tmp_path, "c", "sft", steps=4, seed=1)
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+@pytest.mark.parametrize("objective", ["unlearn-idk", "unlearn-gd"])
+def test_unlearning_objectives_move_the_right_way(template, tmp_path, objective):
+    _, log = _train(template, tmp_path, objective, objective, steps=20, lr=5e-3)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    # Both objectives lower their forget term: refusal CE (idk) or the bounded ascent gap (gd).
+    assert sum(r["forget"] for r in log[-3:]) < sum(r["forget"] for r in log[:3])
+
+
+def test_existing_output_is_not_overwritten(template, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="already exists"):
+        _train(template, tmp_path, "taken", "sft", steps=1)
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"prompt": "hi"}\n', r":1: .*must both be strings"),
+    ('{"prompt": "a", "response": "b"}\nnot json\n', r":2: invalid JSON"),
+    ('[1, 2]\n', r":1: expected a JSON object"),
+    ('{"messages": [{"role": "user", "content": "x"}]}\n', r"last message must have role"),
+    ('{"prompt": "a", "response": "  "}\n', r"response is empty"),
+    ('\n\n', r"has no records"),
+    ('{"foo": 1}\n', r"unrecognised record"),
+])
+def test_bad_jsonl_names_file_line_and_fix(tmp_path, content, problem):
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    with pytest.raises(InputError, match=problem) as e:
+        read_jsonl(f)
+    assert "Fix:" in str(e.value)
+
+
+def test_invalid_utf8_is_reported(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"prompt": "\xff", "response": "b"}\n')
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        read_jsonl(f)
+
+
+def test_all_record_shapes_are_accepted(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "p", "response": "r"},
+        {"instruction": "i", "input": "x", "output": "o"},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                      {"role": "assistant", "content": "a"}]},
+    ]))
+    recs = read_jsonl(f)
+    assert [r["messages"][-1]["content"] for r in recs] == ["r", "o", "a"]
+
+
+def test_too_long_examples_are_dropped_explicitly(template):
+    long = records([("word " * 400, "ok")])
+    with pytest.raises(InputError, match="longer than --max-len"):
+        encode_records(long, template.tokenizer, template.prompt_format, "sft", 64)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(InputError, match="alpha"):
+        TrainConfig(alpha=float("nan"))
+    with pytest.raises(InputError, match="objective"):
+        TrainConfig(objective="magic")
