@@ -59,7 +59,7 @@ def _gpt2_byte_decoder() -> dict[int, int]:
 
 
 # str.translate table: stand-in character -> the latin-1 character of its byte (so .encode("latin-1") gives bytes).
-_GPT2_TO_LATIN1 = {c: b for c, b in _gpt2_byte_decoder().items()}
+_GPT2_TO_LATIN1 = _gpt2_byte_decoder()
 
 
 def canonical_piece(text: str, kind: int, family: str) -> bytes:
@@ -70,27 +70,42 @@ def canonical_piece(text: str, kind: int, family: str) -> bytes:
       stored verbatim, so they are plain UTF-8.
     - ``spm`` (SentencePiece): ``▁`` -> b" "; a BYTE token ``<0xNN>`` -> the single byte NN.
     """
-    if kind in (CONTROL, UNUSED):
-        return b""
-    if kind == BYTE:
-        m = _BYTE_TOKEN.fullmatch(text)
-        if m is None:
-            raise InputError(f"byte token {text!r} is not of the form <0xNN>",
+    return canonical_pieces([text.encode("utf-8", "surrogatepass")], np.array([kind], np.uint8), family)[0]
+
+
+_SPM_SPACE = "\u2581".encode("utf-8")
+_BYTE_PIECES = {f"<0x{b:02x}>".encode(): bytes([b]) for b in range(256)}   # looked up lower-cased
+
+
+def _gpt2_piece(raw: bytes) -> bytes:
+    mapped = raw.decode("utf-8", "surrogatepass").translate(_GPT2_TO_LATIN1)
+    try:
+        return mapped.encode("latin-1")
+    except UnicodeEncodeError:
+        # A character outside GPT-2's byte table: keep its own UTF-8 bytes.
+        return b"".join(c.encode("latin-1") if ord(c) < 256 else c.encode("utf-8", "surrogatepass") for c in mapped)
+
+
+def canonical_pieces(raws: list[bytes], kinds: np.ndarray, family: str) -> list[bytes]:
+    """:func:`canonical_piece` for a whole vocabulary, given each token's UTF-8 text as bytes."""
+    if family not in FAMILIES:
+        raise InputError(f"unknown tokenizer family {family!r}", fix=f"use one of {FAMILIES}")
+    out = [b""] * len(raws)
+    for i in np.flatnonzero(kinds == BYTE).tolist():
+        piece = _BYTE_PIECES.get(raws[i].lower())
+        if piece is None:
+            raise InputError(f"byte token {raws[i]!r} (id {i}) is not of the form <0xNN>",
                              fix="the vocabulary is malformed; re-convert the model or tokenizer")
-        return bytes([int(m.group(1), 16)])
+        out[i] = piece
     if family == "spm":
-        return text.replace("\u2581", " ").encode("utf-8", "surrogateescape")
-    if family == "bpe":
-        if kind == USER_DEFINED:
-            return text.encode("utf-8", "surrogateescape")
-        mapped = text.translate(_GPT2_TO_LATIN1)
-        try:
-            return mapped.encode("latin-1")
-        except UnicodeEncodeError:
-            # A character outside GPT-2's byte table: keep its own UTF-8 bytes.
-            return b"".join(c.encode("latin-1") if ord(c) < 256 else c.encode("utf-8", "surrogateescape")
-                            for c in mapped)
-    raise InputError(f"unknown tokenizer family {family!r}", fix=f"use one of {FAMILIES}")
+        for i in np.flatnonzero((kinds == NORMAL) | (kinds == USER_DEFINED)).tolist():
+            out[i] = raws[i].replace(_SPM_SPACE, b" ")
+    else:
+        for i in np.flatnonzero(kinds == NORMAL).tolist():
+            out[i] = _gpt2_piece(raws[i])
+        for i in np.flatnonzero(kinds == USER_DEFINED).tolist():
+            out[i] = raws[i]
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,12 +141,16 @@ class Vocab:
 
     @functools.cached_property
     def hash(self) -> str:
-        """sha256 over the pieces (length-prefixed, so unambiguous) and kinds."""
+        """sha256 over the pieces (length-prefixed, so unambiguous) and kinds.
+
+        USER_DEFINED hashes as NORMAL: both are mapped alike, their bytes are in the hash, and sources
+        disagree on the label (Gemma's GGUF calls its space runs user-defined, its tokenizer.json does not).
+        """
         lengths = np.fromiter((len(p) for p in self.pieces), dtype="<u4", count=len(self.pieces))
         h = hashlib.sha256(_HASH_TAG)
         h.update(np.uint64(len(self.pieces)).tobytes())
         h.update(lengths.tobytes())
-        h.update(self.kinds.tobytes())
+        h.update(np.where(self.kinds == USER_DEFINED, NORMAL, self.kinds).astype(np.uint8).tobytes())
         h.update(b"".join(self.pieces))
         return h.hexdigest()
 
@@ -144,40 +163,35 @@ class Vocab:
         return f"Vocab(size={self.size}, family={self.family!r}, roles={self.roles}, hash={self.hash[:12]})"
 
 
-def _from_texts(texts: list[str], kinds: np.ndarray, roles: dict[str, int], family: str) -> Vocab:
-    pieces = tuple(canonical_piece(t, int(k), family) for t, k in zip(texts, kinds))
-    return Vocab(pieces=pieces, kinds=kinds, roles=roles, family=family)
-
-
-def _eot_by_text(texts: list[str], kinds: np.ndarray) -> int | None:
-    control = {t: i for i, t in enumerate(texts) if kinds[i] == CONTROL and t in EOT_TEXTS}
-    for t in EOT_TEXTS:
-        if t in control:
-            return control[t]
-    return None
+def _eot_by_text(raws: list[bytes], kinds: np.ndarray) -> int | None:
+    wanted = {t.encode(): rank for rank, t in enumerate(EOT_TEXTS)}
+    found = sorted((wanted[raws[i]], i) for i in np.flatnonzero(kinds == CONTROL).tolist() if raws[i] in wanted)
+    return found[0][1] if found else None
 
 
 # ----------------------------------------------------------------------------- GGUF (llama.cpp)
 
-def _gguf_kind(attr: int) -> int:
+def _gguf_kinds(attrs: np.ndarray) -> np.ndarray:
+    """llama.cpp token attribute bits -> kinds, so that a GGUF and its tokenizer.json agree:
+
+    - CONTROL wins over UNUSED (Gemma's <unusedN> are both; a tokenizer.json only says "special");
+    - USER_DEFINED wins over CONTROL: llama.cpp adds CONTROL to "control-looking" user-defined tokens
+      such as Gemma's ``</s>`` (it logs a warning); the model file and its tokenizer.json say user-defined;
+    - UNKNOWN (<unk>) counts as CONTROL.
+    """
     import llama_cpp as L
 
-    # CONTROL wins over UNUSED (Gemma's <unusedN> are both): tokenizer.json only knows "special".
-    if attr & (L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN):
-        return CONTROL
-    if attr & L.LLAMA_TOKEN_ATTR_UNUSED:
-        return UNUSED
-    if attr & L.LLAMA_TOKEN_ATTR_BYTE:
-        return BYTE
-    if attr & L.LLAMA_TOKEN_ATTR_USER_DEFINED:
-        return USER_DEFINED
-    if attr & L.LLAMA_TOKEN_ATTR_NORMAL:
-        return NORMAL
-    return UNUSED
+    def has(bit):
+        return (attrs & bit) != 0
+
+    return np.select(
+        [has(L.LLAMA_TOKEN_ATTR_USER_DEFINED), has(L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN),
+         has(L.LLAMA_TOKEN_ATTR_UNUSED), has(L.LLAMA_TOKEN_ATTR_BYTE), has(L.LLAMA_TOKEN_ATTR_NORMAL)],
+        [USER_DEFINED, CONTROL, UNUSED, BYTE, NORMAL], default=UNUSED).astype(np.uint8)
 
 
 def read_gguf_vocab(path: str | Path) -> Vocab:
-    """Read the vocabulary of a GGUF model through llama.cpp (no weights are loaded)."""
+    """Read the vocabulary of a GGUF model through llama.cpp (``vocab_only``: no weights are loaded)."""
     import llama_cpp as L
 
     path = Path(path)
@@ -196,24 +210,23 @@ def read_gguf_vocab(path: str | Path) -> Vocab:
             raise InputError(f"{path} has a llama.cpp vocabulary of type {vtype}, which cmc-edge cannot map",
                              fix="use a model with a byte-level BPE or SentencePiece vocabulary")
         n = L.llama_vocab_n_tokens(v)
-        get_text, get_attr = L.llama_vocab_get_text, L.llama_vocab_get_attr
-        texts = [get_text(v, i).decode("utf-8", "surrogateescape") for i in range(n)]
-        kind_of = functools.lru_cache(maxsize=None)(_gguf_kind)
-        kinds = np.fromiter((kind_of(get_attr(v, i)) for i in range(n)), dtype=np.uint8, count=n)
-        roles = {}
-        for role, fn in (("bos", L.llama_vocab_bos), ("eos", L.llama_vocab_eos), ("pad", L.llama_vocab_pad)):
-            tid = fn(v)
-            if 0 <= tid < n:
-                roles[role] = int(tid)
-        eot = _eot_by_text(texts, kinds)
-        if eot is None:
-            tid = L.llama_vocab_eot(v)
-            eot = int(tid) if 0 <= tid < n else None
-        if eot is not None:
-            roles["eot"] = eot
+        # map() over the ctypes functions: a Python-level loop body would double the time for 262k tokens.
+        raws = list(map(functools.partial(L.llama_vocab_get_text, v), range(n)))
+        attrs = np.fromiter(map(functools.partial(L.llama_vocab_get_attr, v), range(n)), dtype=np.int64, count=n)
+        special = {role: int(fn(v)) for role, fn in (("bos", L.llama_vocab_bos), ("eos", L.llama_vocab_eos),
+                                                      ("pad", L.llama_vocab_pad), ("eot", L.llama_vocab_eot))}
     finally:
         llm.close()
-    vocab = _from_texts(texts, kinds, roles, family)
+    kinds = _gguf_kinds(attrs)
+    roles = {r: t for r, t in special.items() if r != "eot" and 0 <= t < n}
+    eot = _eot_by_text(raws, kinds)
+    if eot is None and 0 <= special["eot"] < n:
+        eot = special["eot"]
+    if eot is None:
+        eot = roles.get("eos")                       # as read_tokenizer_json does
+    if eot is not None:
+        roles["eot"] = eot
+    vocab = Vocab(pieces=tuple(canonical_pieces(raws, kinds, family)), kinds=kinds, roles=roles, family=family)
     log.debug("read %s from %s", vocab, path)
     return vocab
 
@@ -295,21 +308,20 @@ def read_tokenizer_json(path: str | Path) -> Vocab:
         texts[i] = t
         kinds[i] = BYTE if byte_fallback and _BYTE_TOKEN.fullmatch(t) else NORMAL
     for i, t, special in added:
+        if i < 0:
+            raise ArtifactError(f"{path} has a negative id for added token {t!r}", fix="re-save the tokenizer")
         texts[i] = t
         kinds[i] = CONTROL if special else USER_DEFINED
-    roles: dict[str, int] = {}
+    raws = [t.encode("utf-8", "surrogatepass") for t in texts]
     first_id: dict[str, int] = {}
-    for i, t in enumerate(texts):
-        if kinds[i] in (CONTROL, USER_DEFINED) and t not in first_id:
-            first_id[t] = i
-    for role, text in _special_tokens(path).items():
-        if text in first_id:
-            roles[role] = first_id[text]
-    eot = _eot_by_text(texts, kinds)
+    for i in np.flatnonzero((kinds == CONTROL) | (kinds == USER_DEFINED)).tolist() + list(range(size)):
+        first_id.setdefault(texts[i], i)             # added tokens first: they are what the config names
+    roles = {role: first_id[text] for role, text in _special_tokens(path).items() if text in first_id}
+    eot = _eot_by_text(raws, kinds)
     if eot is None and "eos" in roles:
         eot = roles["eos"]
     if eot is not None:
         roles["eot"] = eot
-    vocab_obj = _from_texts(texts, kinds, roles, family)
-    log.debug("read %s from %s", vocab_obj, path)
-    return vocab_obj
+    vocab = Vocab(pieces=tuple(canonical_pieces(raws, kinds, family)), kinds=kinds, roles=roles, family=family)
+    log.debug("read %s from %s", vocab, path)
+    return vocab
