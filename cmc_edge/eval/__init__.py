@@ -1,0 +1,1 @@
+"""Evaluation: demo data, answer scoring and the unlearning demo."""
