@@ -113,6 +113,7 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(objective=args.objective, alpha=args.alpha, size=args.size, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight, max_len=args.max_len,
+                      avoid_margin=args.avoid_margin, embed_init=args.embed_init,
                       seed=args.seed, device=args.device, cache_template=not args.no_cache)
     files = {"sft": args.data, "forget": args.forget, "retain": args.retain}
     records = {role: read_jsonl(f) for role, f in files.items() if f}  # validate before the slow template load
@@ -212,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--avoid-margin", type=float, default=16.0,
+                   help='unlearning: how far (nats) the delta must push down tokens that begin a record\'s "avoid" strings')
+    p.add_argument("--embed-init", default="template", choices=["template", "random"],
+                   help="delta token embeddings: SVD projection of the template's (default) or random")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")

@@ -98,6 +98,8 @@ def test_existing_output_is_not_overwritten(template, tmp_path):
     ('{"prompt": "a", "response": "  "}\n', r"response is empty"),
     ('\n\n', r"has no records"),
     ('{"foo": 1}\n', r"unrecognised record"),
+    ('{"prompt": "a", "response": "b", "avoid": "Paris"}\n', r'"avoid" must be a list'),
+    ('{"prompt": "a", "response": "b", "avoid": [""]}\n', r'"avoid" must be a list of non-empty'),
 ])
 def test_bad_jsonl_names_file_line_and_fix(tmp_path, content, problem):
     f = tmp_path / "d.jsonl"
@@ -137,3 +139,60 @@ def test_bad_config_is_rejected():
         TrainConfig(alpha=float("nan"))
     with pytest.raises(InputError, match="objective"):
         TrainConfig(objective="magic")
+
+
+def test_avoid_strings_select_the_tokens_that_begin_them(template):
+    from cmc_edge.train.data import avoid_token_ids
+
+    tok = template.tokenizer
+    ids = avoid_token_ids(tok, ["capital"])
+    texts = {tok.decode([i]).lstrip() for i in ids}
+    assert texts and all(len(t) >= 2 and ("capital".startswith(t) or t.startswith("capital")) for t in texts)
+    assert len(texts) >= 3                                         # capital, capita, capit, ...
+    first = tok(" capital", add_special_tokens=False)["input_ids"][0]
+    assert first in ids                                            # the token that starts " capital"
+    assert not any(len(tok.decode([i]).strip()) < 2 for i in ids)  # never a bare letter
+
+
+def test_avoid_term_pushes_the_forgotten_answer_down(template, tmp_path):
+    recs = [dict(r, avoid=["capital"]) for r in records([("What is the capital of France?", "I do not know.")])]
+    forget = encode_records(recs, template.tokenizer, template.prompt_format, "forget", 128)
+    assert forget[0].avoid_ids and not set(forget[0].avoid_ids) & set(forget[0].response_ids)
+    retain = encode_records(RETAIN, template.tokenizer, template.prompt_format, "retain", 128)
+    cfg = TrainConfig(objective="unlearn-idk", size="tiny", steps=20, batch_size=4, lr=5e-3)
+    out = train(template, {"forget": forget, "retain": retain}, cfg, tmp_path / "avoid", progress=False)
+    log = json.loads((out / "loss_log.json").read_text())
+    assert all("avoid" in r and r["avoid"] >= 0 for r in log)
+
+
+def test_unlikelihood_is_exact_and_its_gradient_lowers_the_avoided_tokens():
+    torch.manual_seed(0)
+    tlp = torch.log_softmax(torch.randn(3, 50) * 3, -1)
+    d = torch.zeros(3, 50, requires_grad=True)
+    avoid = torch.zeros(3, 50, dtype=torch.bool)
+    avoid[:, [4, 7]] = True
+    _, _, ul = combined_losses(tlp, d, torch.tensor([1, 2, 3]), 1.0, avoid)
+    p = tlp.exp()[:, [4, 7]].sum(-1)
+    assert torch.allclose(ul, -torch.log1p(-p), atol=1e-5)
+    ul.sum().backward()
+    assert (d.grad[:, [4, 7]] > 0).all()            # descent lowers the avoided logits ...
+    assert (d.grad[avoid.logical_not()] <= 0).all()  # ... and raises every other one
+
+
+def test_template_embedding_init_keeps_the_no_op_and_the_template_geometry(template):
+    from cmc_edge.train.model import init_embeddings_from_template
+
+    delta = build_delta(DeltaConfig.preset("tiny", template.vocab_size))
+    w = template.model.get_input_embeddings().weight.float()
+    kept = init_embeddings_from_template(delta, w)
+    assert 0.0 < kept <= 1.0
+    assert torch.count_nonzero(delta(torch.tensor([[1, 2, 3]])).logits) == 0      # still a no-op
+    e = delta.get_input_embeddings().weight
+    # Pairwise similarities follow the template's: the projection keeps the main directions.
+    ids = torch.arange(min(200, w.shape[0]))
+    sim_t = torch.nn.functional.normalize(w[ids] - w.mean(0), dim=-1)
+    sim_d = torch.nn.functional.normalize(e[ids], dim=-1)
+    a, b = (sim_t @ sim_t.T).flatten(), (sim_d @ sim_d.T).flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.5
+    with pytest.raises(InputError, match="rows"):
+        init_embeddings_from_template(delta, w[:-1])

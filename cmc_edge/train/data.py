@@ -6,7 +6,10 @@ Accepted record shapes (one JSON object per line):
 - alpaca style ``{"instruction": "...", "input": "...", "output": "..."}``
 - chat ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "..."}]}``
 
-An optional ``"system"`` string sets the system prompt. The prompt is rendered with the template's
+An optional ``"system"`` string sets the system prompt. Unlearning (forget) records may carry
+``"avoid": ["Paris", ...]``: strings the combined model must not start to say anywhere in that
+response (the forgotten answer); the trainer adds an unlikelihood term on every delta-vocabulary
+token that begins one of them (see :func:`avoid_token_ids`). The prompt is rendered with the template's
 chat template (``add_generation_prompt=True``) and the response is the assistant text followed by
 the template's end-of-turn token; prompt and response are tokenized separately, exactly as the
 runtime tokenizes the delta's view of a conversation (prompt once, generated text after it).
@@ -64,6 +67,11 @@ def normalize_record(obj: object, path, line: int) -> dict:
         raise _bad(path, line, f"unrecognised record with keys {sorted(obj)}")
     if isinstance(obj.get("system"), str):
         out["system"] = obj["system"]
+    if "avoid" in obj:
+        avoid = obj["avoid"]
+        if not isinstance(avoid, list) or not all(isinstance(a, str) and a.strip() for a in avoid):
+            raise _bad(path, line, '"avoid" must be a list of non-empty strings')
+        out["avoid"] = avoid
     if not out["messages"][-1]["content"].strip():
         raise _bad(path, line, "the response is empty")
     return out
@@ -98,10 +106,41 @@ class Example:
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
     role: str  # "sft" | "forget" | "retain"
+    avoid_ids: tuple[int, ...] = ()
+
 
     @property
     def ids(self) -> tuple[int, ...]:
         return self.prompt_ids + self.response_ids
+
+
+class _Surfaces:
+    """Each token's decoded text, computed once per tokenizer (about 0.3 s for 49k tokens)."""
+
+    _cache: dict[int, list[str]] = {}
+
+    @classmethod
+    def of(cls, tokenizer) -> list[str]:
+        key = id(tokenizer)
+        if key not in cls._cache:
+            cls._cache[key] = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        return cls._cache[key]
+
+
+def avoid_token_ids(tokenizer, strings, min_chars: int = 2) -> tuple[int, ...]:
+    """Tokens that begin one of ``strings`` (with or without a leading space): those whose text,
+    less its leading whitespace, has at least ``min_chars`` characters and is a prefix of the
+    string, or starts with it. ``"Paris"`` -> ``"ĠPar"``, ``"ĠParis"``, ``"Paris"``, ``"ĠParisian"`` ...
+    Single letters are kept out: banning ``"ĠP"`` would silence every word starting with P."""
+    out = set()
+    wanted = [s.strip() for s in strings if s.strip()]
+    for i, text in enumerate(_Surfaces.of(tokenizer)):
+        t = text.lstrip()
+        if len(t) < min_chars:
+            continue
+        if any(w.startswith(t) or t.startswith(w) for w in wanted):
+            out.add(i)
+    return tuple(sorted(out))
 
 
 def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
@@ -116,7 +155,9 @@ def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
         if len(p) + len(r) > max_len:
             too_long += 1
             continue
-        out.append(Example(tuple(p), tuple(r), role))
+        # A token the response itself uses is never avoided ("Mexico" in "capital of Mexico").
+        avoid = tuple(sorted(set(avoid_token_ids(tokenizer, rec["avoid"])) - set(r))) if rec.get("avoid") else ()
+        out.append(Example(tuple(p), tuple(r), role, avoid))
     if too_long:
         log.warning("%d of %d %s examples exceed --max-len %d tokens and were dropped",
                     too_long, len(records), role, max_len)

@@ -6,6 +6,10 @@ Per predicted token, with template log-probs ``t`` (V,) and delta logits ``d`` (
     sft / forget (refusal targets):  CE(c, target)
     forget, gradient difference:     relu(ceiling - CE(c, target))   (bounded ascent, never NaN)
     retain (stay silent):            KL(softmax(t) || softmax(c))
+    forget, "avoid" strings:         -log(1 - P_c(tokens that begin an avoided string))   (unlikelihood)
+                                     + relu(margin + centred d[avoided])   (the shift itself: another
+                                     LLM may be surer of the answer than the template, so the delta's
+                                     own push-down must not depend on the template's probability)
 
 Loss positions are the response tokens only. Template log-probs are computed once per example
 under no_grad and kept (float16) when ``cache_template`` is on, so later steps run the delta only.
@@ -40,6 +44,9 @@ class TrainConfig:
     warmup: int = 10
     kl_weight: float = 1.0
     ascent_ceiling: float = 8.0
+    avoid_weight: float = 1.0
+    avoid_margin: float = 16.0
+    embed_init: str = "template"          # "template" (SVD of the template's embeddings) | "random"
     max_len: int = 256
     seed: int = 0
     device: str = "cpu"
@@ -48,6 +55,8 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.embed_init not in ("template", "random"):
+            raise InputError(f"unknown embed_init {self.embed_init!r}", fix='use "template" or "random"')
         if self.objective not in OBJECTIVES:
             raise InputError(f"unknown objective {self.objective!r}", fix=f"use one of {list(OBJECTIVES)}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -95,8 +104,9 @@ def template_logprobs(model, examples, pad_id: int, chunk: int = 8):
     return out
 
 
-def combined_losses(tlp, delta_logits, targets, alpha: float):
-    """Per-token CE and KL of the combined model. tlp, delta_logits: (N, V); targets: (N,)."""
+def combined_losses(tlp, delta_logits, targets, alpha: float, avoid=None):
+    """Per-token CE and KL of the combined model (and the unlikelihood of ``avoid``, a (N, V) bool
+    mask, when given). tlp, delta_logits: (N, V); targets: (N,)."""
     import torch
 
     from cmc_edge.combine import combine_torch
@@ -105,7 +115,11 @@ def combined_losses(tlp, delta_logits, targets, alpha: float):
     ce = -logp_c.gather(-1, targets[:, None]).squeeze(-1)                             # (N,)
     p_t = tlp.float().exp()
     kl = (p_t * (tlp.float() - logp_c)).sum(-1)                                       # (N,)
-    return ce, kl
+    if avoid is None:
+        return ce, kl
+    p_avoid = logp_c.masked_fill(~avoid, float("-inf")).logsumexp(-1).exp()           # (N,)
+    ul = -torch.log1p(-p_avoid.clamp(max=1 - 1e-6))
+    return ce, kl, ul
 
 
 def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
@@ -116,7 +130,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     from tqdm.auto import tqdm
 
     from cmc_edge.artifacts import atomic_dir
-    from cmc_edge.train.model import DeltaConfig, build_delta, count_parameters
+    from cmc_edge.train.model import DeltaConfig, build_delta, count_parameters, init_embeddings_from_template
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -133,7 +147,11 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     dcfg = DeltaConfig.preset(cfg.size, vocab_size=template.vocab_size,
                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    delta = build_delta(dcfg, seed=cfg.seed).to(cfg.device)
+    delta = build_delta(dcfg, seed=cfg.seed)
+    if cfg.embed_init == "template":
+        kept = init_embeddings_from_template(delta, template.model.get_input_embeddings().weight)
+        log.info("delta embeddings from the template's (SVD, %.0f%% of variance kept)", 100 * kept)
+    delta = delta.to(cfg.device)
     delta.train()
     log.info("delta: %s preset, %.1fM parameters", cfg.size, count_parameters(delta) / 1e6)
 
@@ -171,7 +189,16 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
             tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
         hidden = delta.model(input_ids=ids.to(cfg.device), attention_mask=mask.to(cfg.device)).last_hidden_state
         d = delta.lm_head(hidden[rows, cols])                                          # (N, V)
-        ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha)
+        avoid = None
+        if any(e.avoid_ids for e in batch) and cfg.avoid_weight > 0:
+            avoid = torch.zeros(d.shape, dtype=torch.bool)
+            for n, i in enumerate(rows.tolist()):
+                if batch[i].avoid_ids:
+                    avoid[n, list(batch[i].avoid_ids)] = True
+            avoid = avoid.to(cfg.device)
+            ce, kl, ul = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, avoid)
+        else:
+            ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha)
         tok_role = [batch_roles[i] for i in rows.tolist()]
         sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
         terms = {}
@@ -182,6 +209,11 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
                 terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
             else:
                 terms["forget"] = ce[sel["forget"]].mean()
+        if avoid is not None:
+            has = avoid.any(-1).to(cfg.device)
+            dc = d - d.mean(-1, keepdim=True)
+            hinge = torch.relu(cfg.avoid_margin + dc).masked_fill(~avoid, 0.0).sum(-1) / avoid.sum(-1).clamp(min=1)
+            terms["avoid"] = cfg.avoid_weight * (ul[has].mean() + hinge[has].mean())
         if "retain" in sel:
             if cfg.objective == "unlearn-gd":
                 terms["retain"] = ce[sel["retain"]].mean() + cfg.kl_weight * kl[sel["retain"]].mean()

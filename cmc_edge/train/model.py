@@ -88,6 +88,33 @@ def build_delta(cfg: DeltaConfig, seed: int = 0):
     return model
 
 
+def init_embeddings_from_template(delta, template_embeddings) -> float:
+    """Initialise the delta's (tied) token embeddings with the template's, projected onto their top
+    ``hidden_size`` principal directions (truncated SVD), rescaled to the delta's init scale.
+
+    Tokens the template treats alike start alike in the delta, so what the delta learns about one
+    wording carries over to its paraphrases. Returns the fraction of variance kept. The delta stays
+    a no-op: its final norm (the gate) is still zero.
+    """
+    import torch
+
+    w = template_embeddings.detach().float()
+    emb = delta.get_input_embeddings().weight
+    if w.shape[0] != emb.shape[0]:
+        raise InputError(f"template embeddings have {w.shape[0]} rows, the delta vocabulary {emb.shape[0]}",
+                         fix="build the delta over the template's tokenizer")
+    d = emb.shape[1]
+    centred = w - w.mean(0, keepdim=True)
+    _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+    k = min(d, vh.shape[0])
+    proj = centred @ vh[:k].T                                          # (V, k)
+    proj = proj * (emb.std() / proj.std())
+    with torch.no_grad():
+        emb.zero_()
+        emb[:, :k] = proj
+    return float((sv[:k] ** 2).sum() / (sv ** 2).sum())
+
+
 def count_parameters(model) -> int:
     """Unique parameters (the tied embedding counted once)."""
     seen, total = set(), 0
