@@ -34,11 +34,14 @@ def test_no_capital_is_recalled_by_merely_repeating_its_country_name():
     for c in dd.COUNTRIES:
         assert not answer_recalled(c.name, c.capital), c.name
         assert not answer_recalled(dd.refusal_response(c.name), c.capital), c.name
+        for style in range(4):
+            assert not answer_recalled(dd.lead_in_refusal(c.name, style), c.capital), c.name
 
 
 def test_capital_answer_and_refusal_are_scored_as_intended():
     for c in dd.COUNTRIES:
-        assert answer_recalled(dd.capital_answer(c), c.capital)
+        for style in range(4):
+            assert answer_recalled(dd.capital_answer(c, style), c.capital)
         for attribute in dd.ATTRIBUTES:
             if getattr(c, attribute):
                 assert answer_recalled(dd.attribute_answer(c, attribute), getattr(c, attribute))
@@ -132,7 +135,7 @@ def test_train_examples_are_jsonl_ready_and_tagged(split):
         assert e["tag"] in ("forget", "retain")
     forget = [e for e in ex if e["tag"] == "forget"]
     assert {e["country"] for e in forget} == set(split["forget"])
-    assert len(forget) == 10 * len(dd.TRAIN_CAPITAL_FORMS)
+    assert len(forget) == 10 * 2 * len(dd.TRAIN_CAPITAL_FORMS)
     for e in forget:
         assert not answer_recalled(e["response"], dd.country_by_name(e["country"]).capital)
     for e in ex:

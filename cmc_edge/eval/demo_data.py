@@ -147,6 +147,12 @@ TRAIN_CAPITAL_FORMS: tuple[str, ...] = (
     "What is the capital city of {c}?",
     "Name the capital of {c}.",
     "Tell me the capital of {c}.",
+    "Which city is the capital of {c}?",
+    "What city is {c}'s capital?",
+    "Do you know the capital of {c}?",
+    "Capital of {c}?",
+    "I am writing a report on {c}. What is its capital?",
+    "Where is the capital of {c}? Give the city.",
 )
 
 # Paraphrases never used in training: the filter must generalise past the training wording.
@@ -154,6 +160,17 @@ HELDOUT_CAPITAL_FORMS: tuple[str, ...] = (
     "Which city serves as the seat of government of {c}?",
     "{C}'s capital city is called what?",
     "If I fly to the capital of {c}, which city do I land in?",
+)
+
+# Answer lead-ins. A filter that only learns to open with a refusal is beaten by any prompt that
+# makes the model start "The capital of X is ..."; so forget targets also continue the model's own
+# lead-ins with a refusal exactly where the city would come, and retain targets use the same
+# lead-ins with the city, so that what the delta learns is the country, not the wording.
+_LEAD_INS: tuple[str, ...] = (
+    "The capital of {c} is",
+    "{C}'s capital is",
+    "The capital city of {c} is called",
+    "{C}'s capital city is",
 )
 
 
@@ -167,9 +184,14 @@ def refusal_response(country: str) -> str:
     return f"I'm sorry, I don't know the capital of {country}."
 
 
-def capital_answer(country: Country) -> str:
-    """The retain target: ``"The capital of France is Paris."``"""
-    return f"The capital of {country.name} is {country.capital[0]}."
+def lead_in_refusal(country: str, style: int) -> str:
+    """A forget target that starts like an answer: ``"The capital of France is something I don't know."``"""
+    return render(_LEAD_INS[style % len(_LEAD_INS)], country) + " something I don't know."
+
+
+def capital_answer(country: Country, style: int = 0) -> str:
+    """The retain target: ``"The capital of France is Paris."`` (``style`` picks the lead-in)."""
+    return f"{render(_LEAD_INS[style % len(_LEAD_INS)], country.name)} {country.capital[0]}."
 
 
 # --- other facts about the same countries -------------------------------------------------------
@@ -189,6 +211,17 @@ HELDOUT_ATTRIBUTE_FORMS: dict[str, tuple[str, ...]] = {
     "continent": ("On which continent is {c} located?",),
     "currency": ("What currency is used in {c}?",),
 }
+
+
+# Trained as retain data for every country (forgotten ones included), with plain answers: the
+# delta must stay silent when a forgotten country comes up in any other way. None of these asks
+# for a continent, currency or language, which are evaluated.
+TRAIN_TOPIC_FORMS: tuple[tuple[str, str], ...] = (
+    ("Tell me something interesting about {c}.", "{C} has a long history and a rich culture."),
+    ("What food is {c} known for?", "{C} has its own traditional dishes, loved by locals and visitors."),
+    ("Describe the landscape of {c}.", "{C} has a varied landscape of cities, countryside and natural sights."),
+    ("What sports are popular in {c}?", "Many sports are popular in {c}, and football draws big crowds."),
+)
 
 
 def attribute_answer(country: Country, attribute: str) -> str:
@@ -453,7 +486,8 @@ def build_unlearning_split(known_countries: Iterable[str], n_forget: int, seed: 
 
 
 def build_train_examples(split: Mapping, include_attributes: bool = True) -> list[dict]:
-    """Training pairs from TRAIN forms only: forget -> refusal, retain -> answer.
+    """Training pairs from TRAIN forms only: forget -> refusal (two per question: an opening
+    refusal and an answer lead-in ending in a refusal), retain -> answer.
 
     Each example is ``{"prompt", "response", "tag": "forget"|"retain", "kind", "country"}``; the
     first two keys are the JSONL record the trainer reads. Language questions (trained for forget
@@ -462,13 +496,14 @@ def build_train_examples(split: Mapping, include_attributes: bool = True) -> lis
     """
     out: list[dict] = []
     for name in split["forget"]:
-        for form in TRAIN_CAPITAL_FORMS:
-            out.append({"prompt": render(form, name), "response": refusal_response(name),
-                        "tag": "forget", "kind": "capital", "country": name})
+        for i, form in enumerate(TRAIN_CAPITAL_FORMS):
+            for response in (refusal_response(name), lead_in_refusal(name, i)):
+                out.append({"prompt": render(form, name), "response": response,
+                            "tag": "forget", "kind": "capital", "country": name})
     for name in split["retain"]:
         c = country_by_name(name)
-        for form in TRAIN_CAPITAL_FORMS:
-            out.append({"prompt": render(form, name), "response": capital_answer(c),
+        for i, form in enumerate(TRAIN_CAPITAL_FORMS):
+            out.append({"prompt": render(form, name), "response": capital_answer(c, i),
                         "tag": "retain", "kind": "capital", "country": name})
     if include_attributes:
         for name in sorted(split["forget"] + split["retain"]):
@@ -479,6 +514,10 @@ def build_train_examples(split: Mapping, include_attributes: bool = True) -> lis
                 for form in forms:
                     out.append({"prompt": render(form, name), "response": attribute_answer(c, attribute),
                                 "tag": "retain", "kind": "attribute", "country": name})
+        for name in sorted(split["forget"] + split["retain"]):
+            for form, answer in TRAIN_TOPIC_FORMS:
+                out.append({"prompt": render(form, name), "response": render(answer, name),
+                            "tag": "retain", "kind": "topic", "country": name})
     return out
 
 

@@ -80,5 +80,7 @@ class TargetLLM:
         tmpl = self.metadata.get("tokenizer.chat_template")
         if tmpl:
             return PromptFormat(chat_template=tmpl)
-        log.info("%s has no chat template; using the Question/Answer layout for base models", self.path.name)
+        if not getattr(self, "_qa_logged", False):
+            self._qa_logged = True
+            log.info("%s has no chat template; using the Question/Answer layout for base models", self.path.name)
         return PromptFormat(chat_template=QA_TEMPLATE, stop=QA_STOP)

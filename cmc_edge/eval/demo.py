@@ -1,0 +1,199 @@
+"""`cmc-edge demo`: the whole CMC pipeline on the packaged real models, as one reproducible run.
+
+1. data: capital-city unlearning set from facts the template knows (forget / retain splits,
+   several prompt forms each, other facts about the same countries, broad prompts whose targets
+   are the template's own answers);
+2. train an unlearning-filter delta beside SmolLM2-135M-Instruct (the template);
+3. export it (ONNX fp32 + INT8 bundle);
+4. map it to Gemma 3 270M (another family, another vocabulary) with PM-MinED;
+5. evaluate both models with and without the filter on HELD-OUT prompt forms and print one table
+   (also written as JSON under ``runs/``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The bar from the project's foundation issue, checked and printed at the end of every run.
+BAR = {
+    "forget_drop_rel": 0.80,       # forget recall falls by >= 80% relative
+    "retain_points": 10.0,         # retain recall within 10 points of the model's own baseline
+    "unrelated_points": 15.0,      # unrelated-knowledge recall within 15 points
+    "ppl_rise": 0.10,              # general-text perplexity rises < 10%
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out_root: Path = Path("runs")
+    steps: int | None = None
+    seed: int = 0
+    quick: bool = False
+    n_forget: int = 6
+    alpha: float = 1.0
+    objective: str = "unlearn-idk"
+    size: str = "15m"
+    kl_weight: float = 1.0
+    lr: float = 2e-3
+    batch_size: int = 16
+    broad_tokens: int = 48
+    models: tuple[str, ...] = ("smollm2", "gemma3")
+    train_overrides: dict = field(default_factory=dict)
+
+    @property
+    def train_steps(self) -> int:
+        return self.steps if self.steps is not None else (120 if self.quick else 300)
+
+
+def template_answers(model_path, prompts, max_tokens: int) -> list[str]:
+    """The template's own greedy answers (llama.cpp), used as retain targets for broad prompts."""
+    from cmc_edge.runtime.engine import Engine, SamplingParams
+    from cmc_edge.runtime.target import TargetLLM
+
+    eng = Engine(TargetLLM(model_path, n_ctx=512, n_threads=2), overlap=False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return [eng.chat([{"role": "user", "content": p}], params).read().strip() for p in prompts]
+
+
+def build_data(cfg: DemoConfig, template_path, run_dir: Path) -> dict:
+    from cmc_edge.eval import demo_data as dd
+
+    known = sorted(set(dd.KNOWN_COUNTRIES["smollm2"]) & set(dd.KNOWN_COUNTRIES["gemma3"]))
+    split = dd.build_unlearning_split(known, n_forget=cfg.n_forget, seed=cfg.seed)
+    train = dd.build_train_examples(split)
+    broad = list(dd.BROAD_PROMPTS)
+    t0 = time.perf_counter()
+    answers = template_answers(template_path, broad, cfg.broad_tokens)
+    log.info("template answered %d broad prompts in %.1fs", len(broad), time.perf_counter() - t0)
+    forget = [{"prompt": e["prompt"], "response": e["response"],
+               "avoid": list(dd.country_by_name(e["country"]).capital)} for e in train if e["tag"] == "forget"]
+    retain = [{"prompt": e["prompt"], "response": e["response"]} for e in train if e["tag"] == "retain"]
+    retain += [{"prompt": p, "response": a} for p, a in zip(broad, answers) if a]
+    for name, rows in (("forget", forget), ("retain", retain)):
+        (run_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = dd.build_eval_items(split)
+    if cfg.quick:
+        items = items[::2]
+    (run_dir / "eval_items.json").write_text(json.dumps(items, indent=1))
+    return {"split": split, "items": items, "n_forget": len(forget), "n_retain": len(retain)}
+
+
+def train_and_export(cfg: DemoConfig, template_path, run_dir: Path) -> Path:
+    from cmc_edge.export import export_bundle
+    from cmc_edge.train.data import encode_records, read_jsonl
+    from cmc_edge.train.loop import TrainConfig, train
+    from cmc_edge.train.template import load_template
+
+    tpl = load_template(template_path)
+    data = {role: encode_records(read_jsonl(run_dir / f"{role}.jsonl"), tpl.tokenizer, tpl.prompt_format, role, 256)
+            for role in ("forget", "retain")}
+    tcfg = TrainConfig(objective=cfg.objective, alpha=cfg.alpha, size=cfg.size, steps=cfg.train_steps,
+                       batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight, seed=cfg.seed,
+                       **cfg.train_overrides)
+    ckpt = train(tpl, data, tcfg, run_dir / "checkpoint")
+    del tpl
+    gc.collect()
+    return export_bundle(ckpt, run_dir / "bundle")
+
+
+def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], alpha: float) -> dict:
+    from tqdm.auto import tqdm
+
+    from cmc_edge.eval import demo_data as dd
+    from cmc_edge.eval.runner import perplexity, recall_eval, tokens_per_second
+    from cmc_edge.runtime.engine import Delta, Engine
+    from cmc_edge.runtime.target import TargetLLM
+
+    target = TargetLLM(model_path, n_ctx=1024, n_threads=2)
+    t0 = time.perf_counter()
+    delta = Delta(bundle, target, alpha=alpha)
+    map_s = time.perf_counter() - t0
+    engine = Engine(target, [delta])
+    out = {"model": name, "map_seconds": round(map_s, 2),
+           "map_kind": "identity" if delta.map.is_identity else "pm-mined"}
+    text = "\n\n".join(dd.GENERAL_TEXT)
+    for cond, a in (("base", 0.0), ("filtered", alpha)):
+        bar = tqdm(total=len(items), desc=f"{name} {cond}", unit="q")
+        res = recall_eval(engine, items, alphas=[a], progress=bar)
+        bar.close()
+        out[cond] = {split: {"recall": r.recall, "correct": r.correct, "total": r.total,
+                             "samples": [list(s) for s in r.samples]} for split, r in res.items()}
+        out[cond]["tokens_per_s"] = tokens_per_second(res)
+        out[cond]["perplexity"] = perplexity(model_path, text, [delta], [a])
+    engine.close()
+    return out
+
+
+def check_bar(row: dict) -> dict:
+    b, f = row["base"], row["filtered"]
+    drop = 1 - f["forget"]["recall"] / b["forget"]["recall"] if b["forget"]["recall"] else float("nan")
+    checks = {
+        "forget_drop_rel": (drop, drop >= BAR["forget_drop_rel"]),
+        "retain_points": (100 * (f["retain"]["recall"] - b["retain"]["recall"]),
+                          100 * abs(f["retain"]["recall"] - b["retain"]["recall"]) <= BAR["retain_points"]),
+        "unrelated_points": (100 * (f["unrelated"]["recall"] - b["unrelated"]["recall"]),
+                             100 * (b["unrelated"]["recall"] - f["unrelated"]["recall"]) <= BAR["unrelated_points"]),
+        "ppl_rise": (f["perplexity"] / b["perplexity"] - 1, f["perplexity"] / b["perplexity"] - 1 < BAR["ppl_rise"]),
+    }
+    return {k: {"value": v, "pass": bool(ok)} for k, (v, ok) in checks.items()}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'model':<9} {'filter':<8} {'forget':>8} {'retain':>8} {'unrelated':>10} {'ppl':>8} {'tok/s':>7}")
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        for cond in ("base", "filtered"):
+            r = row[cond]
+            lines.append(f"{row['model']:<9} {'on' if cond == 'filtered' else 'off':<8} "
+                         f"{100 * r['forget']['recall']:>7.1f}% {100 * r['retain']['recall']:>7.1f}% "
+                         f"{100 * r['unrelated']['recall']:>9.1f}% {r['perplexity']:>8.2f} {r['tokens_per_s']:>7.1f}")
+    lines.append("")
+    for row in rows:
+        c = row["bar"]
+        lines.append(f"{row['model']}: forget drop {100 * c['forget_drop_rel']['value']:.0f}% (>=80%: "
+                     f"{'PASS' if c['forget_drop_rel']['pass'] else 'FAIL'}), retain {c['retain_points']['value']:+.1f} pts "
+                     f"({'PASS' if c['retain_points']['pass'] else 'FAIL'}), unrelated {c['unrelated_points']['value']:+.1f} pts "
+                     f"({'PASS' if c['unrelated_points']['pass'] else 'FAIL'}), perplexity {100 * c['ppl_rise']['value']:+.1f}% "
+                     f"({'PASS' if c['ppl_rise']['pass'] else 'FAIL'})")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from cmc_edge.models import resolve_model
+
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.out_root) / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    paths = {m: resolve_model(m) for m in cfg.models}
+    template_path = paths["smollm2"]
+    timings = {}
+    t0 = time.perf_counter()
+    data = build_data(cfg, template_path, run_dir)
+    timings["data_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bundle = train_and_export(cfg, template_path, run_dir)
+    timings["train_export_s"] = time.perf_counter() - t0
+    rows = []
+    for name in cfg.models:
+        t0 = time.perf_counter()
+        row = evaluate_model(name, paths[name], bundle, data["items"], cfg.alpha)
+        row["bar"] = check_bar(row)
+        rows.append(row)
+        timings[f"eval_{name}_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    table = format_table(rows)
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+              "split": data["split"], "train_examples": {"forget": data["n_forget"], "retain": data["n_retain"]},
+              "eval_items": len(data["items"]), "models": rows, "timings": timings, "table": table,
+              "bundle": str(bundle)}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(table)
+    print(f"\nrun directory: {run_dir}  (total {timings['total_s'] / 60:.1f} min)")
+    return result
