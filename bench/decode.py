@@ -1,0 +1,94 @@
+"""Decode speed and memory: plain llama-cpp-python vs cmc-edge with a delta, side by side in one run.
+
+Each run is a fresh subprocess (so resident memory is measured per configuration), greedy,
+``--tokens`` new tokens with EOS ignored, ``--threads`` llama.cpp threads; plain and cmc-edge
+runs alternate and the medians are compared.
+
+    python bench/decode.py --bundle runs/<demo>/bundle --model smollm2 --model gemma3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+
+CHILD = r"""
+import json, resource, sys, time
+mode, model, bundle, tokens, threads, ngl, variant = sys.argv[1:8]
+tokens, threads, ngl = int(tokens), int(threads), int(ngl)
+from cmc_edge.models import resolve_model
+path = resolve_model(model)
+messages = [{"role": "user", "content": %r}]
+if mode == "plain":
+    from llama_cpp import Llama
+    from cmc_edge.prompt import render_prompt
+    from cmc_edge.runtime.target import TargetLLM
+    probe = TargetLLM(path, n_ctx=64)
+    prompt = render_prompt(probe.prompt_format(), messages); del probe
+    llm = Llama(str(path), n_ctx=1024, n_threads=threads, n_gpu_layers=ngl, verbose=False, seed=0)
+    ptoks = llm.tokenize(prompt.encode(), add_bos=llm._model.add_bos_token(), special=True)
+    t0 = time.perf_counter(); n = 0
+    for tok in llm.generate(ptoks, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
+        n += 1
+        if n >= tokens: break
+    dt = time.perf_counter() - t0
+else:
+    from cmc_edge.runtime.engine import Delta, Engine, SamplingParams
+    from cmc_edge.runtime.target import TargetLLM
+    target = TargetLLM(path, n_ctx=1024, n_threads=threads, n_gpu_layers=ngl)
+    eng = Engine(target, [Delta(bundle, target, variant=variant)])
+    tgt, dps = eng.chat_prompts(messages)
+    # ignore EOS the way the plain loop does: stop only at the token budget
+    target.is_eog = lambda t: False
+    t0 = time.perf_counter()
+    gen = eng.generate(tgt, SamplingParams(max_tokens=tokens, temperature=0.0), delta_prompts=dps)
+    gen.read(); n = len(gen.tokens)
+    dt = time.perf_counter() - t0
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"tokens": n, "seconds": dt, "tok_s": n / dt, "max_rss_mb": rss}))
+""" % PROMPT
+
+
+def run_once(mode, model, bundle, tokens, threads, ngl, variant):
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, model, str(bundle), str(tokens), str(threads), str(ngl),
+                          variant], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--model", action="append", default=None, help="packaged name or GGUF path (repeatable)")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
+    args = ap.parse_args()
+    results = {}
+    for model in args.model or ["smollm2", "gemma3"]:
+        rows = {"plain": [], "cmc": []}
+        for _ in range(args.runs):
+            for mode in ("plain", "cmc"):
+                rows[mode].append(run_once(mode, model, Path(args.bundle), args.tokens, args.threads,
+                                           args.n_gpu_layers, args.variant))
+        med = {m: {"tok_s": statistics.median(r["tok_s"] for r in rows[m]),
+                   "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows[m])} for m in rows}
+        ratio = med["cmc"]["tok_s"] / med["plain"]["tok_s"]
+        extra = med["cmc"]["max_rss_mb"] - med["plain"]["max_rss_mb"]
+        results[model] = {"median": med, "speed_ratio": ratio, "extra_rss_mb": extra, "runs": rows}
+        print(f"{model:<8} plain {med['plain']['tok_s']:7.1f} tok/s  cmc-edge {med['cmc']['tok_s']:7.1f} tok/s  "
+              f"ratio {ratio:.3f}   RSS plain {med['plain']['max_rss_mb']:.0f} MB  cmc-edge "
+              f"{med['cmc']['max_rss_mb']:.0f} MB  (+{extra:.0f} MB)")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
