@@ -114,7 +114,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(objective=args.objective, alpha=args.alpha, size=args.size, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight, max_len=args.max_len,
                       avoid_margin=args.avoid_margin, embed_init=args.embed_init,
-                      seed=args.seed, device=args.device, cache_template=not args.no_cache)
+                      seed=args.seed, device=args.device, cache_template=not args.no_cache,
+                      save_every=args.save_every)
     files = {"sft": args.data, "forget": args.forget, "retain": args.retain}
     records = {role: read_jsonl(f) for role, f in files.items() if f}  # validate before the slow template load
     if cfg.objective == "sft" and "sft" not in records:
@@ -124,7 +125,7 @@ def cmd_train(args) -> int:
     tpl = load_template(args.template, device=args.device)
     data = {role: encode_records(recs, tpl.tokenizer, tpl.prompt_format, role, cfg.max_len)
             for role, recs in records.items()}
-    out = train(tpl, data, cfg, args.out, overwrite=args.overwrite)
+    out = train(tpl, data, cfg, args.out, overwrite=args.overwrite, resume=args.resume)
     print(f"delta checkpoint: {out}")
     return 0
 
@@ -215,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--avoid-margin", type=float, default=16.0,
                    help='unlearning: how far (nats) the delta must push down tokens that begin a record\'s "avoid" strings')
+    p.add_argument("--save-every", type=int, default=50,
+                   help="write resume state to OUT.resume/ every N steps (0: never); SIGINT/SIGTERM also save it")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.resume/")
     p.add_argument("--embed-init", default="template", choices=["template", "random"],
                    help="delta token embeddings: SVD projection of the template's (default) or random")
     p.add_argument("--max-len", type=int, default=256)

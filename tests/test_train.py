@@ -196,3 +196,55 @@ def test_template_embedding_init_keeps_the_no_op_and_the_template_geometry(templ
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.5
     with pytest.raises(InputError, match="rows"):
         init_embeddings_from_template(delta, w[:-1])
+
+
+def _data(template):
+    return {"forget": encode_records(FORGET, template.tokenizer, template.prompt_format, "forget", 128),
+            "retain": encode_records(RETAIN, template.tokenizer, template.prompt_format, "retain", 128)}
+
+
+def test_resume_after_sigterm_gives_the_same_weights_as_an_uninterrupted_run(template, tmp_path):
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from cmc_edge.train.loop import TrainingInterrupted, resume_dir
+
+    cfg = TrainConfig(objective="unlearn-idk", size="tiny", steps=10, batch_size=4, lr=5e-3, save_every=4)
+    full = train(template, _data(template), cfg, tmp_path / "full", progress=False)
+
+    def kill_at_6(step, rec):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = tmp_path / "part"
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 6") as err:
+        train(template, _data(template), cfg, part, progress=False, on_step=kill_at_6)
+    assert "--resume" in err.value.fix
+    assert not part.exists()                                             # no half-written checkpoint
+    assert json.loads((resume_dir(part) / "progress.json").read_text())["step"] == 6
+    seen = []
+    train(template, _data(template), cfg, part, progress=False, resume=True, on_step=lambda s, r: seen.append(s))
+    assert seen == [7, 8, 9, 10]
+    a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(json.loads((part / "loss_log.json").read_text())) == 10
+    assert not resume_dir(part).exists()                                 # spent on success
+
+
+def test_resume_refuses_other_settings_and_missing_state(template, tmp_path):
+    import os
+    import signal
+
+    from cmc_edge.train.loop import TrainingInterrupted
+
+    cfg = TrainConfig(objective="unlearn-idk", size="tiny", steps=6, batch_size=4, save_every=2)
+    with pytest.raises(InputError, match="nothing to resume"):
+        train(template, _data(template), cfg, tmp_path / "none", progress=False, resume=True)
+    with pytest.raises(TrainingInterrupted):
+        train(template, _data(template), cfg, tmp_path / "x", progress=False,
+              on_step=lambda s, r: s == 3 and os.kill(os.getpid(), signal.SIGINT))
+    other = TrainConfig(objective="unlearn-idk", size="tiny", steps=6, batch_size=4, save_every=2, lr=1e-2)
+    with pytest.raises(InputError, match="other settings"):
+        train(template, _data(template), other, tmp_path / "x", progress=False, resume=True)

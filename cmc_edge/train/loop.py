@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cmc_edge.errors import InputError
+from cmc_edge.errors import CmcError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class TrainConfig:
     avoid_weight: float = 1.0
     avoid_margin: float = 16.0
     embed_init: str = "template"          # "template" (SVD of the template's embeddings) | "random"
+    save_every: int = 50                  # resume state every N steps (0: never)
     max_len: int = 256
     seed: int = 0
     device: str = "cpu"
@@ -66,6 +67,8 @@ class TrainConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1", fix="pass a positive integer")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"--lr must be positive, got {self.lr}", fix="e.g. --lr 2e-3")
+        if self.save_every < 0:
+            raise InputError(f"--save-every must be >= 0, got {self.save_every}", fix="0 turns resume state off")
 
 
 def _pad_batch(examples, pad_id: int):
@@ -122,10 +125,97 @@ def combined_losses(tlp, delta_logits, targets, alpha: float, avoid=None):
     return ce, kl, ul
 
 
+class _StopFlag:
+    """SIGINT/SIGTERM set ``requested`` (the step in flight finishes, then state is saved)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class TrainingInterrupted(CmcError):
+    """SIGINT/SIGTERM arrived: the resume state was saved; rerun with ``--resume``."""
+
+    exit_code = 130
+
+
+def resume_dir(out_dir: str | Path) -> Path:
+    """Where a run writing ``out_dir`` keeps its resume state (beside it, removed on success)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".resume")
+
+
+def _config_key(cfg: TrainConfig, data: dict) -> str:
+    import hashlib
+
+    same = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "device")}
+    sizes = {r: [len(e.ids) for e in data[r]] for r in sorted(data) if data[r]}
+    return hashlib.sha256(json.dumps([same, sizes], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_resume(path: Path, delta, opt, sched, gen, step: int, loss_log: list, key: str) -> None:
+    """Weights as safetensors, optimizer/scheduler/RNG as plain tensors (loaded with weights_only=True)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cmc_edge.artifacts import atomic_dir
+
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in delta.state_dict().items()
+                   if k != "lm_head.weight"}, str(tmp / "delta.safetensors"))
+        torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "config_key": key, "loss_log": loss_log}))
+
+
+def _load_resume(path: Path, delta, opt, sched, gen, key: str) -> tuple[int, list]:
+    import torch
+    from safetensors.torch import load_file
+
+    prog = json.loads((path / "progress.json").read_text())
+    if prog["config_key"] != key:
+        raise InputError(f"{path} was saved by a run with other settings or data",
+                         fix=f"rerun with the original settings, or delete {path} to start over")
+    delta.load_state_dict(load_file(str(path / "delta.safetensors")), strict=False)
+    delta.tie_weights()
+    state = torch.load(path / "state.pt", weights_only=True)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    return prog["step"], prog["loss_log"]
+
+
 def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, resume: bool = False, on_step=None) -> Path:
     """Train a delta beside ``template`` on ``data`` ({"sft"|"forget"|"retain": [Example]}) and
-    write an HF checkpoint (config.json, model.safetensors, tokenizer, cmc.json, loss_log.json)."""
+    write an HF checkpoint (config.json, model.safetensors, tokenizer, cmc.json, loss_log.json).
+
+    Every ``cfg.save_every`` steps the resume state goes (atomically) to ``<out>.resume/``; with
+    ``resume`` a run continues from it and ends with the same weights as an uninterrupted run.
+    SIGINT/SIGTERM save the state and raise :class:`TrainingInterrupted`. ``on_step(step, record)``
+    is called after every step (progress hooks, tests)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -173,67 +263,87 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     # Each step draws from every role present: half forget / half retain for unlearning.
     share = {r: max(1, cfg.batch_size // len(roles)) for r in roles}
     loss_log = []
-    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, unit="step")
+    key = _config_key(cfg, data)
+    rdir = resume_dir(out_dir)
+    start = 0
+    if resume:
+        if not (rdir / "progress.json").is_file():
+            raise InputError(f"nothing to resume: {rdir} does not exist",
+                             fix="run without --resume (a run saves resume state every --save-every steps)")
+        start, loss_log = _load_resume(rdir, delta, opt, sched, gen, key)
+        log.info("resuming from step %d (%s)", start, rdir)
+    stop = _StopFlag()
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, unit="step",
+               initial=start, total=cfg.steps)
     t_start, n_tok = time.perf_counter(), 0
-    for step in bar:
-        parts = {}
-        for r in roles:
-            idx = torch.randint(len(data[r]), (share[r],), generator=gen).tolist()
-            parts[r] = idx
-        batch = [data[r][i] for r in roles for i in parts[r]]
-        batch_roles = [r for r in roles for _ in parts[r]]
-        ids, mask, rows, cols, targets = _pad_batch(batch, pad_id)
-        if cfg.cache_template:
-            tlp = torch.cat([cache[r][i] for r in roles for i in parts[r]]).float()
-        else:
-            tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
-        hidden = delta.model(input_ids=ids.to(cfg.device), attention_mask=mask.to(cfg.device)).last_hidden_state
-        d = delta.lm_head(hidden[rows, cols])                                          # (N, V)
-        avoid = None
-        if any(e.avoid_ids for e in batch) and cfg.avoid_weight > 0:
-            avoid = torch.zeros(d.shape, dtype=torch.bool)
-            for n, i in enumerate(rows.tolist()):
-                if batch[i].avoid_ids:
-                    avoid[n, list(batch[i].avoid_ids)] = True
-            avoid = avoid.to(cfg.device)
-            ce, kl, ul = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, avoid)
-        else:
-            ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha)
-        tok_role = [batch_roles[i] for i in rows.tolist()]
-        sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
-        terms = {}
-        if "sft" in sel:
-            terms["sft"] = ce[sel["sft"]].mean()
-        if "forget" in sel:
-            if cfg.objective == "unlearn-gd":
-                terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
+    with stop:
+        for step in bar:
+            parts = {}
+            for r in roles:
+                idx = torch.randint(len(data[r]), (share[r],), generator=gen).tolist()
+                parts[r] = idx
+            batch = [data[r][i] for r in roles for i in parts[r]]
+            batch_roles = [r for r in roles for _ in parts[r]]
+            ids, mask, rows, cols, targets = _pad_batch(batch, pad_id)
+            if cfg.cache_template:
+                tlp = torch.cat([cache[r][i] for r in roles for i in parts[r]]).float()
             else:
-                terms["forget"] = ce[sel["forget"]].mean()
-        if avoid is not None:
-            has = avoid.any(-1).to(cfg.device)
-            dc = d - d.mean(-1, keepdim=True)
-            hinge = torch.relu(cfg.avoid_margin + dc).masked_fill(~avoid, 0.0).sum(-1) / avoid.sum(-1).clamp(min=1)
-            terms["avoid"] = cfg.avoid_weight * (ul[has].mean() + hinge[has].mean())
-        if "retain" in sel:
-            if cfg.objective == "unlearn-gd":
-                terms["retain"] = ce[sel["retain"]].mean() + cfg.kl_weight * kl[sel["retain"]].mean()
+                tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
+            hidden = delta.model(input_ids=ids.to(cfg.device), attention_mask=mask.to(cfg.device)).last_hidden_state
+            d = delta.lm_head(hidden[rows, cols])                                          # (N, V)
+            avoid = None
+            if any(e.avoid_ids for e in batch) and cfg.avoid_weight > 0:
+                avoid = torch.zeros(d.shape, dtype=torch.bool)
+                for n, i in enumerate(rows.tolist()):
+                    if batch[i].avoid_ids:
+                        avoid[n, list(batch[i].avoid_ids)] = True
+                avoid = avoid.to(cfg.device)
+                ce, kl, ul = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, avoid)
             else:
-                terms["retain"] = cfg.kl_weight * kl[sel["retain"]].mean()
-        loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise InputError(f"training diverged at step {step} (loss {loss.item()})",
-                             fix="lower --lr or --alpha")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        n_tok += int(mask.sum())
-        rec = {"step": step + 1, "loss": round(loss.item(), 5),
-               **{k: round(v.item(), 5) for k, v in terms.items()},
-               "tokens_per_s": round(n_tok / (time.perf_counter() - t_start), 1)}
-        loss_log.append(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha)
+            tok_role = [batch_roles[i] for i in rows.tolist()]
+            sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
+            terms = {}
+            if "sft" in sel:
+                terms["sft"] = ce[sel["sft"]].mean()
+            if "forget" in sel:
+                if cfg.objective == "unlearn-gd":
+                    terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
+                else:
+                    terms["forget"] = ce[sel["forget"]].mean()
+            if avoid is not None:
+                has = avoid.any(-1).to(cfg.device)
+                dc = d - d.mean(-1, keepdim=True)
+                hinge = torch.relu(cfg.avoid_margin + dc).masked_fill(~avoid, 0.0).sum(-1) / avoid.sum(-1).clamp(min=1)
+                terms["avoid"] = cfg.avoid_weight * (ul[has].mean() + hinge[has].mean())
+            if "retain" in sel:
+                if cfg.objective == "unlearn-gd":
+                    terms["retain"] = ce[sel["retain"]].mean() + cfg.kl_weight * kl[sel["retain"]].mean()
+                else:
+                    terms["retain"] = cfg.kl_weight * kl[sel["retain"]].mean()
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise InputError(f"training diverged at step {step} (loss {loss.item()})",
+                                 fix="lower --lr or --alpha")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            n_tok += int(mask.sum())
+            rec = {"step": step + 1, "loss": round(loss.item(), 5),
+                   **{k: round(v.item(), 5) for k, v in terms.items()},
+                   "tokens_per_s": round(n_tok / (time.perf_counter() - t_start), 1)}
+            loss_log.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if on_step is not None:
+                on_step(step + 1, rec)
+            done = step + 1
+            if stop.requested or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps):
+                _save_resume(rdir, delta, opt, sched, gen, done, loss_log, key)
+            if stop.requested:
+                raise TrainingInterrupted(f"training stopped by {stop.requested} at step {done}; state saved in {rdir}",
+                                          fix="rerun the same command with --resume")
 
     delta.eval()
     meta = {
@@ -252,5 +362,8 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         tok.save_pretrained(tmp)
         (tmp / "cmc.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "loss_log.json").write_text(json.dumps(loss_log) + "\n")
+    import shutil
+
+    shutil.rmtree(rdir, ignore_errors=True)   # the run is complete: its resume state is spent
     log.info("wrote delta checkpoint %s", out_dir)
     return out_dir
