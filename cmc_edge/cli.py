@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
                       batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight, max_len=args.max_len,
                       avoid_margin=args.avoid_margin, embed_init=args.embed_init,
                       seed=args.seed, device=args.device, cache_template=not args.no_cache,
-                      save_every=args.save_every)
+                      save_every=args.save_every, grad_accum=args.grad_accum)
     files = {"sft": args.data, "forget": args.forget, "retain": args.retain}
     records = {role: read_jsonl(f) for role, f in files.items() if f}  # validate before the slow template load
     if cfg.objective == "sft" and "sft" not in records:
@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='unlearning: how far (nats) the delta must push down tokens that begin a record\'s "avoid" strings')
     p.add_argument("--save-every", type=int, default=50,
                    help="write resume state to OUT.resume/ every N steps (0: never); SIGINT/SIGTERM also save it")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.resume/")
     p.add_argument("--embed-init", default="template", choices=["template", "random"],
                    help="delta token embeddings: SVD projection of the template's (default) or random")

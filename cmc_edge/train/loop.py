@@ -17,9 +17,11 @@ under no_grad and kept (float16) when ``cache_template`` is on, so later steps r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ class TrainConfig:
     avoid_margin: float = 16.0
     embed_init: str = "template"          # "template" (SVD of the template's embeddings) | "random"
     save_every: int = 50                  # resume state every N steps (0: never)
+    grad_accum: int = 1                   # micro-batches per optimizer step
     max_len: int = 256
     seed: int = 0
     device: str = "cpu"
@@ -62,7 +65,7 @@ class TrainConfig:
             raise InputError(f"unknown objective {self.objective!r}", fix=f"use one of {list(OBJECTIVES)}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise InputError(f"alpha must be a positive finite number, got {self.alpha}", fix="e.g. --alpha 1.0")
-        for name in ("steps", "batch_size", "max_len"):
+        for name in ("steps", "batch_size", "max_len", "grad_accum"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1", fix="pass a positive integer")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -123,6 +126,39 @@ def combined_losses(tlp, delta_logits, targets, alpha: float, avoid=None):
     p_avoid = logp_c.masked_fill(~avoid, float("-inf")).logsumexp(-1).exp()           # (N,)
     ul = -torch.log1p(-p_avoid.clamp(max=1 - 1e-6))
     return ce, kl, ul
+
+
+def _distributed(device: str):
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns (rank, world, device, owned)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device, False
+    import torch
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if owned:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, owned
+
+
+def _head(delta):
+    """The delta as one module (ids, mask, rows, cols) -> logits at the loss positions, for DDP."""
+    import torch
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.delta = delta
+
+        def forward(self, ids, mask, rows, cols):
+            hidden = self.delta.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            return self.delta.lm_head(hidden[rows, cols])
+
+    return Head()
 
 
 class _StopFlag:
@@ -215,7 +251,11 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     Every ``cfg.save_every`` steps the resume state goes (atomically) to ``<out>.resume/``; with
     ``resume`` a run continues from it and ends with the same weights as an uninterrupted run.
     SIGINT/SIGTERM save the state and raise :class:`TrainingInterrupted`. ``on_step(step, record)``
-    is called after every step (progress hooks, tests)."""
+    is called after every step (progress hooks, tests).
+
+    Under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1) the same call trains with
+    DistributedDataParallel (gloo on CPU, nccl on CUDA, ``cuda:LOCAL_RANK``): every rank draws its
+    own batches, gradients are averaged, rank 0 writes the checkpoint and the resume state."""
     import torch
     from tqdm.auto import tqdm
 
@@ -231,8 +271,14 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     if cfg.objective.startswith("unlearn") and not data.get("forget"):
         raise InputError(f"the {cfg.objective} objective needs forget examples", fix="pass --forget FILE.jsonl")
 
+    rank, world, device, owned_group = _distributed(cfg.device)
+    if device != cfg.device:
+        from dataclasses import replace
+
+        cfg = replace(cfg, device=device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # Under torchrun every rank draws its own batches (seed + rank); DDP averages the gradients.
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     tok = template.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     dcfg = DeltaConfig.preset(cfg.size, vocab_size=template.vocab_size,
@@ -243,6 +289,14 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         log.info("delta embeddings from the template's (SVD, %.0f%% of variance kept)", 100 * kept)
     delta = delta.to(cfg.device)
     delta.train()
+    net = _head(delta)
+    ddp = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = ddp = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index]
+                                            if cfg.device.startswith("cuda") else None)
+        progress = progress and rank == 0
     log.info("delta: %s preset, %.1fM parameters", cfg.size, count_parameters(delta) / 1e6)
 
     cache = {}
@@ -271,66 +325,75 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
             raise InputError(f"nothing to resume: {rdir} does not exist",
                              fix="run without --resume (a run saves resume state every --save-every steps)")
         start, loss_log = _load_resume(rdir, delta, opt, sched, gen, key)
+        if world > 1:   # only rank 0's sampler state is saved; the others start a fresh stream
+            gen.manual_seed(cfg.seed + 1000 * rank + start)
         log.info("resuming from step %d (%s)", start, rdir)
     stop = _StopFlag()
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, unit="step",
                initial=start, total=cfg.steps)
     t_start, n_tok = time.perf_counter(), 0
+    def micro_step():
+        """Draw one micro-batch, return (loss, terms, tokens)."""
+        parts = {}
+        for r in roles:
+            idx = torch.randint(len(data[r]), (share[r],), generator=gen).tolist()
+            parts[r] = idx
+        batch = [data[r][i] for r in roles for i in parts[r]]
+        batch_roles = [r for r in roles for _ in parts[r]]
+        ids, mask, rows, cols, targets = _pad_batch(batch, pad_id)
+        if cfg.cache_template:
+            tlp = torch.cat([cache[r][i] for r in roles for i in parts[r]]).float()
+        else:
+            tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
+        d = net(ids.to(cfg.device), mask.to(cfg.device), rows.to(cfg.device), cols.to(cfg.device))  # (N, V)
+        avoid = None
+        if any(e.avoid_ids for e in batch) and cfg.avoid_weight > 0:
+            avoid = torch.zeros(d.shape, dtype=torch.bool)
+            for n, i in enumerate(rows.tolist()):
+                if batch[i].avoid_ids:
+                    avoid[n, list(batch[i].avoid_ids)] = True
+            avoid = avoid.to(cfg.device)
+            ce, kl, ul = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, avoid)
+        else:
+            ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha)
+        tok_role = [batch_roles[i] for i in rows.tolist()]
+        sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
+        terms = {}
+        if "sft" in sel:
+            terms["sft"] = ce[sel["sft"]].mean()
+        if "forget" in sel:
+            if cfg.objective == "unlearn-gd":
+                terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
+            else:
+                terms["forget"] = ce[sel["forget"]].mean()
+        if avoid is not None:
+            has = avoid.any(-1).to(cfg.device)
+            dc = d - d.mean(-1, keepdim=True)
+            hinge = torch.relu(cfg.avoid_margin + dc).masked_fill(~avoid, 0.0).sum(-1) / avoid.sum(-1).clamp(min=1)
+            terms["avoid"] = cfg.avoid_weight * (ul[has].mean() + hinge[has].mean())
+        if "retain" in sel:
+            if cfg.objective == "unlearn-gd":
+                terms["retain"] = ce[sel["retain"]].mean() + cfg.kl_weight * kl[sel["retain"]].mean()
+            else:
+                terms["retain"] = cfg.kl_weight * kl[sel["retain"]].mean()
+        loss = sum(terms.values())
+        return loss, terms, int(mask.sum())
+
     with stop:
         for step in bar:
-            parts = {}
-            for r in roles:
-                idx = torch.randint(len(data[r]), (share[r],), generator=gen).tolist()
-                parts[r] = idx
-            batch = [data[r][i] for r in roles for i in parts[r]]
-            batch_roles = [r for r in roles for _ in parts[r]]
-            ids, mask, rows, cols, targets = _pad_batch(batch, pad_id)
-            if cfg.cache_template:
-                tlp = torch.cat([cache[r][i] for r in roles for i in parts[r]]).float()
-            else:
-                tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
-            hidden = delta.model(input_ids=ids.to(cfg.device), attention_mask=mask.to(cfg.device)).last_hidden_state
-            d = delta.lm_head(hidden[rows, cols])                                          # (N, V)
-            avoid = None
-            if any(e.avoid_ids for e in batch) and cfg.avoid_weight > 0:
-                avoid = torch.zeros(d.shape, dtype=torch.bool)
-                for n, i in enumerate(rows.tolist()):
-                    if batch[i].avoid_ids:
-                        avoid[n, list(batch[i].avoid_ids)] = True
-                avoid = avoid.to(cfg.device)
-                ce, kl, ul = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, avoid)
-            else:
-                ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha)
-            tok_role = [batch_roles[i] for i in rows.tolist()]
-            sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
-            terms = {}
-            if "sft" in sel:
-                terms["sft"] = ce[sel["sft"]].mean()
-            if "forget" in sel:
-                if cfg.objective == "unlearn-gd":
-                    terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
-                else:
-                    terms["forget"] = ce[sel["forget"]].mean()
-            if avoid is not None:
-                has = avoid.any(-1).to(cfg.device)
-                dc = d - d.mean(-1, keepdim=True)
-                hinge = torch.relu(cfg.avoid_margin + dc).masked_fill(~avoid, 0.0).sum(-1) / avoid.sum(-1).clamp(min=1)
-                terms["avoid"] = cfg.avoid_weight * (ul[has].mean() + hinge[has].mean())
-            if "retain" in sel:
-                if cfg.objective == "unlearn-gd":
-                    terms["retain"] = ce[sel["retain"]].mean() + cfg.kl_weight * kl[sel["retain"]].mean()
-                else:
-                    terms["retain"] = cfg.kl_weight * kl[sel["retain"]].mean()
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise InputError(f"training diverged at step {step} (loss {loss.item()})",
-                                 fix="lower --lr or --alpha")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for m in range(cfg.grad_accum):
+                sync = ddp is None or m == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                    loss, terms, nt = micro_step()
+                    if not torch.isfinite(loss):
+                        raise InputError(f"training diverged at step {step} (loss {loss.item()})",
+                                         fix="lower --lr or --alpha")
+                    (loss / cfg.grad_accum).backward()
+                n_tok += nt * world
             torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
             opt.step()
             sched.step()
-            n_tok += int(mask.sum())
             rec = {"step": step + 1, "loss": round(loss.item(), 5),
                    **{k: round(v.item(), 5) for k, v in terms.items()},
                    "tokens_per_s": round(n_tok / (time.perf_counter() - t_start), 1)}
@@ -339,7 +402,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
             if on_step is not None:
                 on_step(step + 1, rec)
             done = step + 1
-            if stop.requested or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps):
+            if rank == 0 and (stop.requested or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps)):
                 _save_resume(rdir, delta, opt, sched, gen, done, loss_log, key)
             if stop.requested:
                 raise TrainingInterrupted(f"training stopped by {stop.requested} at step {done}; state saved in {rdir}",
@@ -356,14 +419,22 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         "delta_config": dcfg.to_dict(),
         "train_config": asdict(cfg),
         "examples": {r: len(data[r]) for r in roles},
+        "world_size": world,
     }
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        delta.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "cmc.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "loss_log.json").write_text(json.dumps(loss_log) + "\n")
-    import shutil
+    if rank == 0:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            delta.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "cmc.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / "loss_log.json").write_text(json.dumps(loss_log) + "\n")
+        import shutil
 
-    shutil.rmtree(rdir, ignore_errors=True)   # the run is complete: its resume state is spent
-    log.info("wrote delta checkpoint %s", out_dir)
+        shutil.rmtree(rdir, ignore_errors=True)   # the run is complete: its resume state is spent
+        log.info("wrote delta checkpoint %s", out_dir)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if owned_group:
+            dist.destroy_process_group()
     return out_dir
