@@ -58,7 +58,7 @@ def build_engine(args):
         raise CmcError(f"{len(args.alpha)} --alpha values for {len(args.delta)} --delta bundles",
                        fix="give one --alpha per --delta, in the same order")
     target = TargetLLM(resolve_model(args.model), n_ctx=args.n_ctx, n_threads=args.threads,
-                       n_gpu_layers=args.n_gpu_layers, seed=args.seed or 0)
+                       n_gpu_layers=args.n_gpu_layers, seed=getattr(args, "seed", None) or 0)
     deltas = []
     if not args.no_delta:
         for i, b in enumerate(args.delta):

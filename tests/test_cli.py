@@ -48,3 +48,17 @@ def test_not_a_gguf_file(tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(bad), "--no-delta"]) == 2
     err = capsys.readouterr().err
     assert "not a GGUF file" in err and "Fix:" in err
+
+
+def test_serve_builds_its_engine_and_app_from_the_command_line(tiny_gguf, tmp_path, monkeypatch):
+    """`cmc-edge serve` end to end up to uvicorn: flags -> engine with the delta -> app (uvicorn stubbed)."""
+    import uvicorn
+
+    from tiny_checkpoint import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))
+    assert main(["serve", "--model", str(tiny_gguf), "--delta", str(bundle), "--port", "8123", "--alpha", "0.5"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    assert {r.path for r in seen["app"].routes} >= {"/v1/models", "/v1/completions", "/v1/chat/completions"}
