@@ -105,6 +105,40 @@ class Delta:
         return DeltaTracker(self.session, self.encode, self.encode(prompt_text))
 
 
+class TextStream:
+    """Token bytes in, text chunks out: never splits a UTF-8 character, never emits a stop string.
+
+    Decoded text that could be the start of a stop string is held back until it cannot be.
+    Invalid UTF-8 becomes U+FFFD.
+
+    >>> ts = TextStream(stop=("##",))
+    >>> ts.push("é".encode()[:1]), ts.push("é".encode()[1:] + b"a#"), ts.push(b"#b")
+    (('', False), ('\xe9a', False), ('', True))
+    """
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = tuple(stop)
+        self._max_stop = max((len(x) for x in self.stop), default=0)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def push(self, piece: bytes) -> tuple[str, bool]:
+        """Feed one token's bytes; return (text safe to emit now, whether a stop string was hit)."""
+        text = self._pending + self._decoder.decode(piece)
+        hit = min((i for i in (text.find(x) for x in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self._pending = ""
+            return text[:hit], True
+        safe = len(text) - (self._max_stop - 1) if self._max_stop else len(text)
+        self._pending = text[max(safe, 0):]
+        return text[:max(safe, 0)], False
+
+    def finish(self) -> str:
+        """The held-back text at the end of generation (an incomplete character becomes U+FFFD)."""
+        tail, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
+        return tail
+
+
 @dataclass
 class Generation:
     """Iterate for text chunks (never splitting a UTF-8 character); stats are filled as it runs."""
@@ -196,10 +230,8 @@ class Engine:
         llm.set_seed(seed)
         sampler = llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                                     temp=params.temperature, repeat_penalty=params.repeat_penalty)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stream = TextStream(params.stop)
         gen_bytes = b""
-        pending = ""                       # decoded text held back because it may start a stop string
-        max_stop = max((len(s) for s in params.stop), default=0)
         shifts = [tr.last_logits for tr in trackers]
         n_vocab = self.target.n_vocab
         stopped = False
@@ -226,22 +258,16 @@ class Engine:
                 llm.eval([token])
                 if active:
                     shifts = fut.result() if fut is not None else self._sync_all(trackers, gen_bytes)
-                text = pending + decoder.decode(self.target.piece(token))
-                hit = min((i for i in (text.find(x) for x in params.stop) if i >= 0), default=-1)
-                if hit >= 0:
-                    if hit:
-                        yield text[:hit]
+                chunk, stopped = stream.push(self.target.piece(token))
+                if chunk:
+                    yield chunk
+                if stopped:
                     gen.finish_reason = "stop"
-                    stopped = True
                     break
-                safe = len(text) - (max_stop - 1) if max_stop else len(text)
-                if safe > 0:
-                    yield text[:safe]
-                pending = text[max(safe, 0):]
             else:
                 gen.finish_reason = "length"
             if not stopped:
-                tail = pending + decoder.decode(b"", final=True)
+                tail = stream.finish()
                 if tail:
                     yield tail
         except CmcError:
