@@ -105,6 +105,33 @@ def read_json(path: str | Path, what: str) -> dict:
     return obj
 
 
+def read_json_lines(path: str | Path, what: str, fix: str) -> Iterator[tuple[int, object]]:
+    """Yield ``(line number, parsed object)`` for each non-blank line of a UTF-8 JSONL file; a missing
+    file, invalid UTF-8, invalid JSON or a file without records is an InputError naming file and line
+    (``fix`` says what a line must look like)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} not found", fix="pass an existing .jsonl file")
+    n = 0
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})",
+                                     fix=fix) from exc
+                n += 1
+                yield lineno, obj
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                             fix="re-save the file as UTF-8") from exc
+    if not n:
+        raise InputError(f"{what} {path} has no records", fix="add at least one JSON line")
+
+
 def safe_member(root: Path, name: str) -> Path:
     """Resolve ``name`` inside ``root``; refuse absolute paths and ``..`` escapes."""
     if not isinstance(name, str) or not name or os.path.isabs(name):

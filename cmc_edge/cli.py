@@ -174,11 +174,41 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from cmc_edge.eval.demo import DemoConfig, run_demo
+def cmd_eval(args) -> int:
+    from cmc_edge.artifacts import write_json
+    from cmc_edge.eval.evaluate import evaluate, format_eval_table, plot_eval, read_eval_items
 
-    run_demo(DemoConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed, quick=args.quick))
+    items = read_eval_items(args.items)   # validate before loading any model
+    text = None
+    if args.text:
+        if not Path(args.text).is_file():
+            raise CmcError(f"text file {args.text} not found", fix="pass an existing UTF-8 text file to --text")
+        text = Path(args.text).read_text(encoding="utf-8")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise CmcError(f"{out} already exists", fix="choose another --out or pass --overwrite")
+    result = evaluate(args.delta, args.model or ["smollm2"], items, args.alpha or [1.0], text=text,
+                      max_tokens=args.max_tokens, n_threads=args.threads)
+    print(format_eval_table(result))
+    if out is not None:
+        write_json(out, result)
+        chart = plot_eval(result, Path(args.chart) if args.chart else out.with_suffix(".png"))
+        print(f"\nwrote {out} and {chart}")
+    elif args.chart:
+        print(f"\nwrote {plot_eval(result, args.chart)}")
     return 0
+
+
+def cmd_demo(args) -> int:
+    if args.recipe == "json":
+        from cmc_edge.eval.recipe_json import JsonRecipeConfig, run_json_recipe
+
+        res = run_json_recipe(JsonRecipeConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed))
+    else:
+        from cmc_edge.eval.demo import DemoConfig, run_demo
+
+        res = run_demo(DemoConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed, quick=args.quick))
+    return 0 if all(c["pass"] for row in res["models"] for c in row["bar"].values()) else 1
 
 
 def cmd_serve(args) -> int:
@@ -199,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="where the run directory goes (default: runs/)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run (fewer eval items)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (fewer eval items; unlearn only)")
+    p.add_argument("--recipe", choices=["unlearn", "json"], default="unlearn",
+                   help="unlearn: the capital-city unlearning filter (default); json: instruction transfer, "
+                        "answering as one JSON object")
 
     p = sub.add_parser("train", help="train a delta beside a frozen template")
     p.add_argument("--template", default="smollm2", help="template GGUF, packaged name or HF directory")
@@ -262,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=1536)
     p.add_argument("--max-tokens-limit", type=int, default=512)
 
+    p = sub.add_parser("eval", help="score a delta on your own questions: each model at alpha 0 and at each --alpha")
+    p.add_argument("--delta", "-d", required=True, metavar="BUNDLE")
+    p.add_argument("--model", "-m", action="append", default=None, help="GGUF path or packaged name (repeatable)")
+    p.add_argument("--items", required=True, help='JSONL: {"question", "answers": [...] and/or "reference", "split"}')
+    p.add_argument("--alpha", "-a", action="append", type=float, default=None, help="repeatable (default 1.0)")
+    p.add_argument("--text", help="UTF-8 text file for perplexity")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", "-o", help="write the results (table rows and every output) as JSON, and a PNG chart "
+                                         "next to it")
+    p.add_argument("--chart", help="where to write the PNG chart (default: --out with .png)")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("inspect", help="verify a delta bundle and print its manifest")
     p.add_argument("bundle")
     return ap
@@ -269,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 HANDLERS = {
     "demo": cmd_demo, "train": cmd_train, "export": cmd_export, "map": cmd_map, "generate": cmd_generate,
-    "chat": cmd_chat, "serve": cmd_serve, "inspect": cmd_inspect,
+    "chat": cmd_chat, "serve": cmd_serve, "inspect": cmd_inspect, "eval": cmd_eval,
 }
 
 

@@ -67,3 +67,24 @@ def test_prompt_longer_than_context_is_refused(tiny_gguf):
     eng = Engine(TargetLLM(tiny_gguf, n_ctx=64, n_threads=1))
     with pytest.raises(InputError, match="context"):
         eng.generate("word " * 200, SamplingParams(max_tokens=4))
+
+
+def test_score_reply_at_alpha_zero_is_the_models_own_log_likelihood(tiny_gguf):
+    """Teacher-forced NLL of a reply equals llama.cpp's own log-probs over prompt + reply (all logits)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from cmc_edge.combine import log_softmax_np
+
+    eng = Engine(TargetLLM(tiny_gguf, n_ctx=256, n_threads=1))
+    msgs = [{"role": "user", "content": "The capital of France"}]
+    reply = "Paris is the capital 123"
+    ours = eng.score_reply(msgs, reply)
+    prompt, _ = eng.chat_prompts(msgs)
+    ptoks, rtoks = eng.target.tokenize(prompt), eng.target.tokenize(reply, add_bos=False)
+    llm = Llama(str(tiny_gguf), n_ctx=256, n_threads=1, verbose=False, logits_all=True)
+    llm.eval(ptoks + rtoks)
+    scores = np.array(llm.scores[: len(ptoks) + len(rtoks)])
+    ref = [-log_softmax_np(scores[len(ptoks) - 1 + i])[t] for i, t in enumerate(rtoks)]
+    assert ours.shape == (len(rtoks),)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)

@@ -85,7 +85,8 @@ def build_data(cfg: DemoConfig, template_path, run_dir: Path) -> dict:
     return {"split": split, "items": items, "n_forget": len(forget), "n_retain": len(retain)}
 
 
-def train_and_export(cfg: DemoConfig, template_path, run_dir: Path) -> Path:
+def train_and_export(cfg, template_path, run_dir: Path, roles=("forget", "retain")) -> Path:
+    """Train on ``run_dir/<role>.jsonl`` for each role, export the bundle to ``run_dir/bundle``."""
     from cmc_edge.export import export_bundle
     from cmc_edge.train.data import encode_records, read_jsonl
     from cmc_edge.train.loop import TrainConfig, train
@@ -93,7 +94,7 @@ def train_and_export(cfg: DemoConfig, template_path, run_dir: Path) -> Path:
 
     tpl = load_template(template_path)
     data = {role: encode_records(read_jsonl(run_dir / f"{role}.jsonl"), tpl.tokenizer, tpl.prompt_format, role, 256)
-            for role in ("forget", "retain")}
+            for role in roles}
     tcfg = TrainConfig(objective=cfg.objective, alpha=cfg.alpha, size=cfg.size, steps=cfg.train_steps,
                        batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight, seed=cfg.seed,
                        **cfg.train_overrides)

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from cmc_edge.combine import add_mapped_shift_
+from cmc_edge.combine import add_mapped_shift_, log_softmax_np
 from cmc_edge.errors import CmcError, DeltaFault, InputError
 from cmc_edge.prompt import PromptFormat, render_prompt
 from cmc_edge.runtime.sync import DeltaTracker
@@ -215,15 +215,8 @@ class Engine:
         import llama_cpp
 
         llm = self.target.llm
-        active = [(d, a, p) for d, a, p in zip(self.deltas, alphas, delta_prompts) if a != 0.0]
         t0 = time.perf_counter()
-        try:
-            trackers = [d.tracker(p) for d, _, p in active]
-        except CmcError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any delta failure must stop generation
-            raise DeltaFault(f"the delta failed on the prompt: {exc!r}",
-                             fix="check the bundle with `cmc-edge inspect`") from exc
+        active, trackers = self._start(delta_prompts, alphas)
         llm.reset()
         llm.eval(ptoks)
         seed = params.seed if params.seed is not None else llm._seed
@@ -281,6 +274,52 @@ class Engine:
             gen.seconds = time.perf_counter() - t0
             gen.resyncs = sum(tr.resyncs for tr in trackers)
             sampler.close()
+
+    def _start(self, delta_prompts, alphas):
+        """The deltas with a non-zero alpha, each with a tracker that has read its prompt."""
+        active = [(d, a, p) for d, a, p in zip(self.deltas, alphas, delta_prompts) if a != 0.0]
+        try:
+            return active, [d.tracker(p) for d, _, p in active]
+        except CmcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any delta failure must stop generation
+            raise DeltaFault(f"the delta failed on the prompt: {exc!r}",
+                             fix="check the bundle with `cmc-edge inspect`") from exc
+
+    def score_reply(self, messages: list[dict], reply: str, *, alphas: Sequence[float] | None = None) -> np.ndarray:
+        """Teacher-forced negative log-likelihood (nats) of each token of ``reply`` as the assistant's
+        answer to ``messages``, under the combined model: the judge-free measure of how much a delta
+        moves an LLM towards reference answers. Shape (number of reply tokens,)."""
+        import llama_cpp
+
+        tgt, dps = self.chat_prompts(messages)
+        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+        rtoks = self.target.tokenize(reply, add_bos=False)
+        ptoks = self.target.tokenize(tgt)
+        if not rtoks:
+            raise InputError("the reference reply is empty", fix="give a non-empty reference answer")
+        if len(ptoks) + len(rtoks) > self.target.n_ctx:
+            raise InputError(f"prompt and reply need {len(ptoks) + len(rtoks)} tokens; the context holds "
+                             f"{self.target.n_ctx}", fix="shorten them or raise --n-ctx")
+        active, trackers = self._start(dps, alphas)
+        llm = self.target.llm
+        llm.reset()
+        llm.eval(ptoks)
+        shifts = [tr.last_logits for tr in trackers]
+        nll, gen_bytes = np.empty(len(rtoks), np.float64), b""
+        for i, token in enumerate(rtoks):
+            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            logits = np.ctypeslib.as_array(ptr, shape=(self.target.n_vocab,)).copy()
+            for (d, a, _), dl in zip(active, shifts):
+                add_mapped_shift_(logits, dl, d.dst, d.src, a)
+            nll[i] = -log_softmax_np(logits)[token]
+            gen_bytes += self.target.piece(token)
+            if i + 1 < len(rtoks):
+                llm.eval([token])
+                shifts = self._sync_all(trackers, gen_bytes)
+        if not np.isfinite(nll).all():
+            raise DeltaFault("non-finite log-likelihood while scoring a reply", fix="check the delta bundle")
+        return nll
 
     @staticmethod
     def _sync_all(trackers, gen_bytes: bytes) -> list[np.ndarray]:

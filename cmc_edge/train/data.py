@@ -20,7 +20,6 @@ runtime tokenizes the delta's view of a conversation (prompt once, generated tex
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,12 @@ from cmc_edge.prompt import PromptFormat, render_prompt
 log = logging.getLogger(__name__)
 
 
+_LINE_FIX = ('each line must be a JSON object with "prompt"/"response", '
+             '"instruction"/"output" or "messages" ending in an assistant turn')
+
+
 def _bad(path, line, what: str) -> InputError:
-    return InputError(f"{path}:{line}: {what}",
-                      fix='each line must be a JSON object with "prompt"/"response", '
-                          '"instruction"/"output" or "messages" ending in an assistant turn')
+    return InputError(f"{path}:{line}: {what}", fix=_LINE_FIX)
 
 
 def normalize_record(obj: object, path, line: int) -> dict:
@@ -79,26 +80,9 @@ def normalize_record(obj: object, path, line: int) -> dict:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read and validate a JSONL file; errors carry the file name and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file {path} not found", fix="pass an existing .jsonl file")
-    records = []
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise _bad(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
-                records.append(normalize_record(obj, path, lineno))
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                             fix="re-save the file as UTF-8") from exc
-    if not records:
-        raise InputError(f"data file {path} has no records", fix="add at least one JSON line")
-    return records
+    from cmc_edge.artifacts import read_json_lines
+
+    return [normalize_record(obj, Path(path), lineno) for lineno, obj in read_json_lines(path, "data file", _LINE_FIX)]
 
 
 @dataclass(frozen=True)

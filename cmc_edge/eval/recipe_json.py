@@ -1,0 +1,207 @@
+"""`cmc-edge demo --recipe json`: instruction transfer, the paper's other use of CMC.
+
+A behaviour is taught on the template (SmolLM2-135M-Instruct) and transferred to another family
+(Gemma 3 270M, another vocabulary) at decode time: **answer every question with one JSON object
+``{"answer": "..."}`` and nothing else**, checked by code (:func:`parse_json_answer`). The delta
+learns it from short fact questions (capitals and languages, three training wordings each) and the
+template's own first sentence on open-ended prompts, all wrapped in that JSON form; it is judged
+on questions of kinds it never saw (continents, currencies, held-out capital wordings, science,
+literature, arithmetic, ...): adherence to the format, and whether the answer is still correct
+(the same alias scoring as the unlearning demo) against the model's own free-form baseline.
+
+>>> parse_json_answer('{"answer": "Paris"}')
+'Paris'
+>>> parse_json_answer('{"answer": "Paris"} and more'), parse_json_answer('Paris')
+(None, None)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Issue 6's bar: adherence on held-out prompts, and at most a 10-point drop in correctness.
+BAR = {"adherence": {"smollm2": 0.80, "gemma3": 0.60}, "correct_points": 10.0}
+
+
+@dataclass(frozen=True)
+class JsonRecipeConfig:
+    out_root: Path = Path("runs")
+    steps: int | None = None
+    seed: int = 0
+    alpha: float = 1.0
+    size: str = "15m"
+    lr: float = 2e-3
+    batch_size: int = 16
+    forms_per_country: int = 3
+    broad_tokens: int = 48
+    max_tokens: int = 32
+    models: tuple[str, ...] = ("smollm2", "gemma3")
+    objective: str = "sft"
+    kl_weight: float = 1.0
+    train_overrides: dict = field(default_factory=dict)
+
+    @property
+    def train_steps(self) -> int:
+        return self.steps if self.steps is not None else 200
+
+
+def parse_json_answer(text: str) -> str | None:
+    """The ``answer`` string when ``text`` is exactly one JSON object with a string "answer" (surrounding
+    whitespace allowed), else None."""
+    s = text.strip()
+    try:
+        obj, end = json.JSONDecoder().raw_decode(s)
+    except ValueError:
+        return None
+    if s[end:].strip() or not isinstance(obj, dict) or not isinstance(obj.get("answer"), str):
+        return None
+    return obj["answer"]
+
+
+def json_reply(answer: str) -> str:
+    return json.dumps({"answer": answer}, ensure_ascii=False)
+
+
+def first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence (or line) of ``text``, at most ``limit`` characters, cut at a word."""
+    line = text.strip().split("\n", 1)[0].strip()
+    m = re.match(r"(.+?[.!?])(\s|$)", line)
+    s = m.group(1) if m else line
+    return s if len(s) <= limit else s[:limit].rsplit(" ", 1)[0]
+
+
+def build_train_records(countries, broad_prompts, broad_answers, *, forms_per_country: int, seed: int) -> list[dict]:
+    """SFT records: fact questions with their short answer, open-ended prompts with the template's own
+    first sentence; every response in the JSON form."""
+    from cmc_edge.eval import demo_data as dd
+
+    rng = random.Random(seed)
+    recs = []
+    for name in countries:
+        c = dd.country_by_name(name)
+        for form in rng.sample(dd.TRAIN_CAPITAL_FORMS, forms_per_country):
+            recs.append({"prompt": dd.render(form, name), "response": json_reply(c.capital[0])})
+        if c.language:
+            for form in dd.TRAIN_ATTRIBUTE_FORMS["language"]:
+                recs.append({"prompt": dd.render(form, name), "response": json_reply(c.language[0])})
+        form, answer = rng.choice(dd.TRAIN_TOPIC_FORMS)
+        recs.append({"prompt": dd.render(form, name), "response": json_reply(dd.render(answer, name))})
+    for p, a in zip(broad_prompts, broad_answers):
+        if a.strip():
+            recs.append({"prompt": p, "response": json_reply(first_sentence(a))})
+    rng.shuffle(recs)
+    return recs
+
+
+def build_eval_items(countries) -> list[dict]:
+    """Held-out kinds and wordings only: one unseen capital wording, continents, currencies, general questions."""
+    from cmc_edge.eval import demo_data as dd
+
+    items = dd.capital_items(countries, dd.HELDOUT_CAPITAL_FORMS[:1], "retain")
+    items += dd.attribute_items(countries, {k: dd.HELDOUT_ATTRIBUTE_FORMS[k] for k in ("continent", "currency")})
+    items += dd.unrelated_items()
+    return items
+
+
+def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: JsonRecipeConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    from cmc_edge.eval.scoring import answer_recalled
+    from cmc_edge.runtime.engine import Delta, Engine, SamplingParams
+    from cmc_edge.runtime.target import TargetLLM
+
+    target = TargetLLM(model_path, n_ctx=1024, n_threads=2)
+    engine = Engine(target, [Delta(bundle, target, alpha=cfg.alpha)])
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, stop=("\n\n",))
+    out = {"model": name}
+    for cond, a in (("base", 0.0), ("delta", cfg.alpha)):
+        rows, n_tok, secs = [], 0, 0.0
+        for it in tqdm(items, desc=f"{name} {'with' if a else 'without'} delta", unit="q"):
+            gen = engine.chat([{"role": "user", "content": it["question"]}], params, alphas=[a])
+            text = gen.read()
+            n_tok, secs = n_tok + len(gen.tokens), secs + gen.seconds
+            rows.append({"question": it["question"], "output": text, "kind": it["kind"],
+                         "adherent": parse_json_answer(text) is not None,
+                         "correct": answer_recalled(text, it["answers"])})
+        out[cond] = {"adherence": sum(r["adherent"] for r in rows) / len(rows),
+                     "correct": sum(r["correct"] for r in rows) / len(rows),
+                     "tokens_per_s": n_tok / secs if secs else float("nan"), "samples": rows}
+    engine.close()
+    return out
+
+
+def check_bar(row: dict) -> dict:
+    b, d = row["base"], row["delta"]
+    need = BAR["adherence"].get(row["model"], BAR["adherence"]["gemma3"])
+    drop = 100 * (b["correct"] - d["correct"])
+    return {"adherence": {"value": d["adherence"], "need": need, "pass": d["adherence"] >= need},
+            "correct_points": {"value": -drop, "pass": drop <= BAR["correct_points"]}}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'model':<9} {'delta':<6} {'JSON adherence':>15} {'correct':>8} {'tok/s':>7}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        for cond in ("base", "delta"):
+            r = row[cond]
+            lines.append(f"{row['model']:<9} {'on' if cond == 'delta' else 'off':<6} {100 * r['adherence']:>14.1f}% "
+                         f"{100 * r['correct']:>7.1f}% {r['tokens_per_s']:>7.1f}")
+    lines.append("")
+    for row in rows:
+        c = row["bar"]
+        lines.append(f"{row['model']}: adherence {100 * c['adherence']['value']:.0f}% "
+                     f"(>={100 * c['adherence']['need']:.0f}%: {'PASS' if c['adherence']['pass'] else 'FAIL'}), "
+                     f"correct {c['correct_points']['value']:+.1f} pts "
+                     f"(>=-10: {'PASS' if c['correct_points']['pass'] else 'FAIL'})")
+    for row in rows:
+        s = next((x for x in row["delta"]["samples"] if x["kind"] == "general"), row["delta"]["samples"][0])
+        lines.append(f"  {row['model']}: {s['question']!r} -> {s['output'].strip()!r}")
+    return "\n".join(lines)
+
+
+def run_json_recipe(cfg: JsonRecipeConfig) -> dict:
+    from cmc_edge.eval import demo_data as dd
+    from cmc_edge.eval.demo import template_answers, train_and_export
+    from cmc_edge.models import resolve_model
+
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.out_root) / time.strftime("json-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    paths = {m: resolve_model(m) for m in cfg.models}
+    timings = {}
+    t0 = time.perf_counter()
+    countries = dd.known_by("smollm2", "gemma3")
+    broad = list(dd.BROAD_PROMPTS)
+    answers = template_answers(paths["smollm2"], broad, cfg.broad_tokens)
+    recs = build_train_records(countries, broad, answers, forms_per_country=cfg.forms_per_country, seed=cfg.seed)
+    (run_dir / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    items = build_eval_items(countries)
+    (run_dir / "eval_items.json").write_text(json.dumps(items, indent=1))
+    timings["data_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bundle = train_and_export(cfg, paths["smollm2"], run_dir, roles=("sft",))
+    timings["train_export_s"] = time.perf_counter() - t0
+    rows = []
+    for name in cfg.models:
+        t0 = time.perf_counter()
+        row = evaluate_model(name, paths[name], bundle, items, cfg)
+        row["bar"] = check_bar(row)
+        rows.append(row)
+        timings[f"eval_{name}_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    table = format_table(rows)
+    result = {"recipe": "json", "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+              "train_examples": len(recs), "eval_items": len(items), "models": rows, "timings": timings,
+              "table": table, "bundle": str(bundle)}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(table)
+    print(f"\nrun directory: {run_dir}  (total {timings['total_s'] / 60:.1f} min)")
+    return result

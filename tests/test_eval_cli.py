@@ -1,0 +1,63 @@
+"""`cmc-edge eval`: each model at alpha 0 and at each alpha, recall and ROUGE-L per split, JSON out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cmc_edge.cli import main
+from cmc_edge.eval.evaluate import read_eval_items, rouge_l_recall
+
+
+def test_rouge_l_recall():
+    assert rouge_l_recall("Paris is the capital", "Paris is the capital") == 1.0
+    assert rouge_l_recall("nothing in common", "Paris is the capital") == 0.0
+    assert rouge_l_recall("the capital is Paris", "Paris is the capital of France") == 2 / 6   # LCS "the capital"
+    assert rouge_l_recall("Paris, France.", "paris france") == 1.0                            # normalised words
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"answers": ["x"]}', '"question" string is required'),
+    ('{"question": "q"}', 'give "answers" and/or "reference"'),
+    ('{"question": "q", "answers": []}', '"answers" must be a non-empty list'),
+    ('{"question": "q", "reference": 3}', '"reference" must be a non-empty string'),
+    ('not json', "invalid JSON"),
+])
+def test_bad_items_name_the_line_and_the_fix(tmp_path, line, problem):
+    f = tmp_path / "items.jsonl"
+    f.write_text('{"question": "ok?", "answers": ["yes"]}\n' + line + "\n")
+    with pytest.raises(Exception, match=problem) as err:
+        read_eval_items(f)
+    assert ":2:" in str(err.value) and err.value.fix
+
+
+def test_eval_runs_each_model_at_alpha_zero_and_each_alpha(tiny_gguf, tmp_path, capsys):
+    from tiny_checkpoint import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "The capital of France", "answers": ["Paris"], "split": "forget"},
+        {"question": "Hello world", "reference": "Hello world 1234", "split": "retain"},
+    ]))
+    text = tmp_path / "text.txt"
+    text.write_text("The capital of Italy is Rome, and the capital of Spain is Madrid.")
+    out = tmp_path / "res.json"
+    argv = ["eval", "--delta", str(bundle), "--model", str(tiny_gguf), "--items", str(items), "--alpha", "1.5",
+            "--text", str(text), "--max-tokens", "8", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "forget rec" in table and "retain rougeL" in table and "retain nll" in table
+    res = json.loads(out.read_text())
+    assert [r["alpha"] for r in res["rows"]] == [0.0, 1.5]
+    for r in res["rows"]:
+        assert r["splits"]["forget"]["recall"] in (0.0, 1.0) and r["splits"]["forget"]["rouge_l_recall"] is None
+        assert 0.0 <= r["splits"]["retain"]["rouge_l_recall"] <= 1.0
+        assert r["splits"]["retain"]["reference_nll"] > 0.0
+        assert r["perplexity"] > 1.0
+    assert res["rows"][0]["perplexity"] != res["rows"][1]["perplexity"]     # the delta changes the scores
+    assert res["rows"][0]["splits"]["retain"]["reference_nll"] != res["rows"][1]["splits"]["retain"]["reference_nll"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(res["samples"]) == 2
+    assert main(argv) == 2                                                     # never overwrites silently

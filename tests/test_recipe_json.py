@@ -1,0 +1,46 @@
+"""The instruction-transfer recipe's data and its format checker (pure functions, no model)."""
+
+import json
+
+import pytest
+
+from cmc_edge.eval import demo_data as dd
+from cmc_edge.eval.recipe_json import build_eval_items, build_train_records, first_sentence, parse_json_answer
+
+
+@pytest.mark.parametrize("text, answer", [
+    ('{"answer": "Paris"}', "Paris"),
+    ('  {"answer": "Paris"}\n', "Paris"),
+    ('{"answer": "Rome", "note": "x"}', "Rome"),
+    ('{"answer": "Paris"} The capital.', None),      # anything after the object breaks the format
+    ('The answer is {"answer": "Paris"}', None),
+    ('{"answer": 3}', None),
+    ('{"reply": "Paris"}', None),
+    ('["Paris"]', None),
+    ('{"answer": "Par', None),                        # cut off
+    ("", None),
+])
+def test_parse_json_answer(text, answer):
+    assert parse_json_answer(text) == answer
+
+
+def test_first_sentence():
+    assert first_sentence("Boil water. Then add the egg.") == "Boil water."
+    assert first_sentence("Roses are red\nViolets are blue") == "Roses are red"
+    assert len(first_sentence("word " * 100, limit=40)) <= 40
+
+
+def test_train_records_are_all_in_the_format_and_eval_is_held_out():
+    countries = dd.known_by("smollm2", "gemma3")[:5]
+    recs = build_train_records(countries, ["Write a poem.", "Explain tea."], ["Waves roll. Gulls cry.", ""],
+                               forms_per_country=3, seed=0)
+    assert all(parse_json_answer(r["response"]) for r in recs)
+    assert {"prompt": "Write a poem.", "response": json.dumps({"answer": "Waves roll."})} in recs
+    assert not any(r["prompt"] == "Explain tea." for r in recs)            # empty template answers are dropped
+    trained = {r["prompt"] for r in recs}
+    items = build_eval_items(countries)
+    assert {it["kind"] for it in items} == {"capital", "attribute", "general"}
+    assert not trained & {it["question"] for it in items}
+    assert {it.get("attribute") for it in items if it["kind"] == "attribute"} <= {"continent", "currency"}
+    assert build_train_records(countries, [], [], forms_per_country=3, seed=0) == \
+        build_train_records(countries, [], [], forms_per_country=3, seed=0)
