@@ -13,6 +13,7 @@ b'hi'
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,13 +22,30 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from cmc_edge.errors import ArtifactError, InputError
+from cmc_edge.errors import ArtifactError, CmcError, InputError
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _disk_full(exc: BaseException, final: Path) -> CmcError | None:
+    """A clear error for an OSError "no space left" (ENOSPC or quota) anywhere in ``exc``'s chain
+    (a Ctrl-C stays a Ctrl-C)."""
+    if not isinstance(exc, Exception):
+        return None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return CmcError(f"the disk is full (no space left) while writing {final}; nothing was written there",
+                            fix=f"free space on the disk that holds {final.parent}, or write to another disk")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -54,8 +72,10 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, final)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if (full := _disk_full(exc, final)) is not None:
+            raise full from exc
         raise
 
 
@@ -63,7 +83,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; move it into place only if the block succeeds.
 
-    With ``overwrite`` an existing ``final`` is replaced only after the new one is complete.
+    With ``overwrite`` an existing ``final`` is replaced only after the new one is complete (and is
+    put back if that last rename fails).
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -77,12 +98,18 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (full := _disk_full(exc, final)) is not None:
+            raise full from exc
         raise
 
 

@@ -122,6 +122,8 @@ def cmd_train(args) -> int:
         raise CmcError("the sft objective needs --data FILE.jsonl", fix="pass --data, or pick an unlearn-* objective")
     if cfg.objective.startswith("unlearn") and "forget" not in records:
         raise CmcError(f"--objective {cfg.objective} needs --forget FILE.jsonl", fix="pass --forget (and --retain)")
+    if Path(args.out).exists() and not args.overwrite:    # train() checks too, but after the slow template load
+        raise CmcError(f"{args.out} already exists", fix="choose another --out or pass --overwrite")
     tpl = load_template(args.template, device=args.device)
     data = {role: encode_records(recs, tpl.tokenizer, tpl.prompt_format, role, cfg.max_len)
             for role, recs in records.items()}
@@ -139,12 +141,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _read_text(path: str, flag: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise CmcError(f"{flag} file {p} not found", fix=f"pass an existing UTF-8 text file to {flag}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CmcError(f"{flag} file {p} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                       fix="re-save the file as UTF-8") from exc
+
+
 def cmd_map(args) -> int:
     from cmc_edge.models import cache_dir, resolve_model
     from cmc_edge.runtime.bundle import load_bundle
     from cmc_edge.tokenmap import (cached_token_map, explain, map_stats, read_gguf_vocab,
                                    read_tokenizer_json, save_token_map)
 
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise CmcError(f"{args.out} already exists", fix="choose another --out or pass --overwrite")
+    sample_text = _read_text(args.sample_text, "--sample-text") if args.stats and args.sample_text else None
     bundle = load_bundle(args.delta)
     target_path = resolve_model(args.model)
     dvocab = read_tokenizer_json(bundle.tokenizer_path)
@@ -156,9 +172,9 @@ def cmd_map(args) -> int:
         tvocab = read_gguf_vocab(target_path)
         if args.stats:
             sample = None
-            if args.sample_text:
+            if sample_text is not None:
                 from cmc_edge.runtime.target import TargetLLM
-                sample = TargetLLM(target_path, n_ctx=256).tokenize(Path(args.sample_text).read_text(), add_bos=False)
+                sample = TargetLLM(target_path, n_ctx=256).tokenize(sample_text, add_bos=False)
             print(json.dumps(map_stats(tm, tvocab, dvocab, sample), indent=2))
         for item in args.lookup:
             key = int(item) if item.isdigit() else item
@@ -275,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print coverage statistics")
     p.add_argument("--sample-text", help="text file for frequency-weighted coverage")
     p.add_argument("--lookup", action="append", default=[], help="explain how a token id or text maps")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     for verb, helptext in (("generate", "generate text with a GGUF steered by deltas"),
                            ("chat", "interactive chat with a GGUF steered by deltas")):
@@ -294,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="required when --host is not a loopback address")
     p.add_argument("--max-prompt-tokens", type=int, default=1536)
     p.add_argument("--max-tokens-limit", type=int, default=512)
+    p.add_argument("--request-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="stop a generation that runs longer (waiting included): HTTP 504, or an SSE error event "
+                        "mid-stream (default: 120)")
 
     p = sub.add_parser("eval", help="score a delta on your own questions: each model at alpha 0 and at each --alpha")
     p.add_argument("--delta", "-d", required=True, metavar="BUNDLE")

@@ -40,3 +40,7 @@ class DeltaFault(CmcError):
     """The delta path failed during generation. Generation stops: a filter never fails open."""
 
     exit_code = 3
+
+
+class GenerationTimeout(CmcError):
+    """Generation ran past its deadline (the server's per-request timeout) and was stopped."""

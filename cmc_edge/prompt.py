@@ -65,6 +65,10 @@ def render_prompt(fmt: PromptFormat, messages: list[dict], system: str | None = 
     if fmt.chat_template is None:
         body = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs)
         return body + "Assistant:"
+    if "{{" not in fmt.chat_template and "{%" not in fmt.chat_template:
+        raise InputError(f"the chat template {fmt.chat_template[:40]!r} is not a Jinja template (a name such as "
+                         "'chatml' is not enough)", fix="pass the template's Jinja text, e.g. --chat-template "
+                         "\"$(cat template.jinja)\", or leave --chat-template out to use the model's own")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals.update(raise_exception=_raise, strftime_now=lambda f: datetime.now().strftime(f))
     try:

@@ -178,3 +178,63 @@ def test_delta_fault_is_a_500_and_stream_error(tiny_gguf):
             for _ in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
                                                max_tokens=30, temperature=1.0, seed=1, stream=True):
                 pass
+
+
+def test_request_timeout_stops_generation_with_504_and_the_server_stays_usable(tiny_gguf):
+    """A generation that outlives --request-timeout is stopped in the decode loop: a 504 (an SSE error
+    event mid-stream), and the engine is free for the next request at once."""
+    from test_fail_closed import FaultyDelta
+
+    from cmc_edge.errors import GenerationTimeout
+    from cmc_edge.runtime.engine import Engine, SamplingParams
+    from cmc_edge.runtime.server import ServerLimits, create_app
+    from cmc_edge.runtime.target import TargetLLM
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    slow = FaultyDelta(target.n_vocab, ok_calls=10**9, mode="raise")   # a zero shift that takes 50 ms a token
+    feed = slow.session.feed
+    slow.session.feed = lambda ids: (time.sleep(0.05), feed(ids))[1]
+    eng = Engine(target, [slow])
+    tgt, _ = eng.chat_prompts([{"role": "user", "content": "hello"}])
+    for prompt in ("The capital of", tgt):          # the two prompts below, unhindered: 40+ tokens, 2+ s
+        unhindered = eng.generate(prompt, SamplingParams(max_tokens=64, temperature=0), alphas=[0.0])
+        unhindered.read()
+        assert len(unhindered.tokens) >= 40
+    gen = eng.generate("The capital of", SamplingParams(max_tokens=64, temperature=0),
+                       deadline=time.monotonic() + 0.3)
+    with pytest.raises(GenerationTimeout, match="time limit"):
+        gen.read()
+    assert len(gen.tokens) < 40                      # stopped in the decode loop
+    limits = ServerLimits(max_tokens=64, request_timeout_s=0.5)
+    with LiveServer(create_app(eng, model_name="tiny", limits=limits)) as live:
+        c = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="tiny", prompt="The capital of", max_tokens=64, temperature=0)
+        assert e.value.status_code == 504 and "time limit" in str(e.value)
+        assert time.monotonic() - t0 < 2.0
+        parts = []
+        with pytest.raises(openai.APIError, match="time limit"):
+            for chunk in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                                   max_tokens=64, temperature=0, stream=True):
+                parts.append(chunk.choices[0].delta.content or "")
+        assert "".join(parts)                      # it was streaming when the limit hit
+        r = c.completions.create(model="tiny", prompt="The capital of", max_tokens=4, temperature=0,
+                                 extra_body={"cmc": {"alpha": 0.0}})
+        direct = eng.generate("The capital of", SamplingParams(max_tokens=4, temperature=0.0), alphas=[0.0]).read()
+        assert r.choices[0].text == direct and r.usage.completion_tokens == 4
+
+
+def test_serve_passes_request_timeout(tiny_gguf, monkeypatch):
+    import uvicorn
+
+    import cmc_edge.runtime.server as server
+    from cmc_edge.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server, "create_app", lambda engine, **kw: seen.update(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    assert main(["serve", "--model", str(tiny_gguf), "--no-delta", "--request-timeout", "7.5"]) == 0
+    assert seen["limits"].request_timeout_s == 7.5
+    assert main(["serve", "--model", str(tiny_gguf), "--no-delta"]) == 0
+    assert seen["limits"].request_timeout_s == 120.0

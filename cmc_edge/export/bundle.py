@@ -110,6 +110,10 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
         raise InputError(f"tolerance must be positive, got {tolerance!r}", fix="e.g. --tolerance 1e-4")
     opset = DEFAULT_OPSET if opset is None else opset
     ckpt = read_checkpoint(checkpoint_dir)
+    n_tok, n_model = read_tokenizer_json(ckpt.root / TOKENIZER_NAME).size, ckpt.meta["delta_config"].get("vocab_size")
+    if isinstance(n_model, int) and n_tok > n_model:
+        raise ArtifactError(f"{ckpt.root}: the tokenizer has {n_tok} tokens but the delta model only {n_model}; "
+                            "the tokenizer is not the one of the template the delta was trained with", fix=_RETRAIN)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp, \
             tqdm(total=5 if int8 else 3, desc="export", unit="stage") as bar:

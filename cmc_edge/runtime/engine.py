@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cmc_edge.combine import add_mapped_shift_, log_softmax_np
-from cmc_edge.errors import CmcError, DeltaFault, InputError
+from cmc_edge.errors import CmcError, DeltaFault, GenerationTimeout, InputError
 from cmc_edge.prompt import PromptFormat, render_prompt
 from cmc_edge.runtime.sync import DeltaTracker
 
@@ -90,6 +90,10 @@ class Delta:
         if delta_vocab.hash != self.bundle.delta_vocab_hash:
             raise CmcError(f"the tokenizer in {bundle_path} does not match its manifest's vocabulary hash",
                            fix="re-export the bundle with `cmc-edge export`")
+        if delta_vocab.size > self.bundle.onnx.vocab_size:
+            raise CmcError(f"the tokenizer in {bundle_path} has {delta_vocab.size} tokens but its delta graph only "
+                           f"{self.bundle.onnx.vocab_size}: the delta was trained for another vocabulary",
+                           fix="re-export it from its training checkpoint (weights and tokenizer together)")
         self.map = cached_token_map(target.path, delta_vocab, (cache_dir or default_cache()) / "maps")
         if self.map.is_identity:
             self.dst = self.src = None
@@ -196,9 +200,11 @@ class Engine:
 
     # -- decoding ----------------------------------------------------------------------------
     def generate(self, prompt: str, params: SamplingParams = SamplingParams(), *,
-                 delta_prompts: Sequence[str] | None = None, alphas: Sequence[float] | None = None) -> Generation:
+                 delta_prompts: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
+                 deadline: float | None = None) -> Generation:
         """Complete ``prompt`` (target format). Each delta reads ``delta_prompts[i]`` (default: the
-        same text) followed by the generated text. ``alphas`` overrides the deltas' alphas."""
+        same text) followed by the generated text. ``alphas`` overrides the deltas' alphas. Past
+        ``deadline`` (a ``time.monotonic()`` value) generation stops with :class:`GenerationTimeout`."""
         if alphas is not None and len(alphas) != len(self.deltas):
             raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
         alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
@@ -208,10 +214,10 @@ class Engine:
             raise InputError(f"the prompt has {len(ptoks)} tokens but the context holds {self.target.n_ctx}",
                              fix="shorten the prompt or raise --n-ctx")
         gen = Generation(prompt_tokens=len(ptoks))
-        gen._it = self._run(ptoks, params, delta_prompts, alphas, gen)
+        gen._it = self._run(ptoks, params, delta_prompts, alphas, gen, deadline)
         return gen
 
-    def _run(self, ptoks, params, delta_prompts, alphas, gen: Generation) -> Iterator[str]:
+    def _run(self, ptoks, params, delta_prompts, alphas, gen: Generation, deadline=None) -> Iterator[str]:
         import llama_cpp
 
         llm = self.target.llm
@@ -230,6 +236,10 @@ class Engine:
         stopped = False
         try:
             for step in range(params.max_tokens):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise GenerationTimeout(f"generation ran past its time limit after {len(gen.tokens)} tokens",
+                                            fix="ask for fewer tokens, or allow more time "
+                                                "(`cmc-edge serve --request-timeout`)")
                 if llm.n_tokens >= self.target.n_ctx:
                     gen.finish_reason = "length"
                     break

@@ -8,6 +8,8 @@ the official ``openai`` client passes it with ``extra_body``.
 Safety: binds 127.0.0.1 by default and refuses another address without an API key; limits the
 body size, the prompt length and ``max_tokens``; one generation at a time per engine (a lock);
 a delta failure is a 500 with a JSON error (or an SSE error event mid-stream), never unfiltered text.
+Each request has a time limit (``--request-timeout``, waiting for the engine included): the decode
+loop checks it every token and stops, and the client gets a 504 (or an SSE error event mid-stream).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cmc_edge.errors import CmcError, DeltaFault, InputError
+from cmc_edge.errors import CmcError, DeltaFault, GenerationTimeout, InputError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,12 @@ class ServerLimits:
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
     request_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        t = self.request_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise InputError(f"the request timeout must be a positive number of seconds, got {t!r}",
+                             fix="e.g. --request-timeout 120")
 
 
 def is_loopback(host: str) -> bool:
@@ -53,6 +62,14 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, limits: S
 
     def err(status: int, message: str, kind: str = "invalid_request_error"):
         return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+    def error_of(exc: CmcError) -> dict:
+        """HTTP status and OpenAI-style type for an error: bad request 400, time limit 504, delta fault 500."""
+        if isinstance(exc, DeltaFault):
+            return {"message": str(exc), "type": "delta_fault", "code": 500}
+        if isinstance(exc, GenerationTimeout):
+            return {"message": str(exc), "type": "timeout", "code": 504}
+        return {"message": str(exc), "type": "invalid_request_error", "code": 400}
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -94,7 +111,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, limits: S
             alphas = [cmc["alpha"]] * len(engine.deltas)
         return params, alphas
 
-    def start(body, chat: bool):
+    def start(body, chat: bool, deadline: float):
         params, alphas = parse(body)
         if chat:
             msgs = body.get("messages")
@@ -110,19 +127,18 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, limits: S
         if n > limits.max_prompt_tokens:
             raise InputError(f"the prompt has {n} tokens; this server accepts {limits.max_prompt_tokens}",
                              fix="shorten the prompt (the limit is --max-prompt-tokens)")
-        return engine.generate(tgt, params, delta_prompts=dps, alphas=alphas)
+        return engine.generate(tgt, params, delta_prompts=dps, alphas=alphas, deadline=deadline)
 
-    def run_locked(gen_factory, on_chunk):
-        """Run one generation under the engine lock; returns the Generation."""
+    def run_locked(body, chat: bool, on_chunk):
+        """Run one generation under the engine lock, within the request's time limit; returns the Generation."""
+        deadline = time.monotonic() + limits.request_timeout_s
         if not lock.acquire(timeout=limits.request_timeout_s):
-            raise TimeoutError("the server is busy")
+            raise GenerationTimeout(f"the server stayed busy for the request's whole time limit "
+                                    f"({limits.request_timeout_s:g} s)", fix="retry later")
         try:
-            gen = gen_factory()
-            deadline = time.monotonic() + limits.request_timeout_s
-            for chunk in gen:
+            gen = start(body, chat, deadline)
+            for chunk in gen:        # the decode loop raises GenerationTimeout past the deadline
                 on_chunk(chunk)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the request ran over {limits.request_timeout_s:.0f} s")
             return gen
         finally:
             lock.release()
@@ -133,12 +149,10 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, limits: S
         if body.get("stream"):
             return stream(body, chat, rid, created)
         try:
-            gen = run_locked(lambda: start(body, chat), lambda c: None)
+            gen = run_locked(body, chat, lambda c: None)
         except CmcError as exc:
-            return err(500 if isinstance(exc, DeltaFault) else 400, str(exc),
-                       "delta_fault" if isinstance(exc, DeltaFault) else "invalid_request_error")
-        except TimeoutError as exc:
-            return err(504, str(exc), "timeout")
+            e = error_of(exc)
+            return err(e["code"], e["message"], e["type"])
         usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.tokens),
                  "total_tokens": gen.prompt_tokens + len(gen.tokens)}
         if chat:
@@ -153,7 +167,9 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, limits: S
     def stream(body, chat, rid, created):
         import queue
 
-        q: queue.Queue = queue.Queue(maxsize=256)
+        # Unbounded (max_tokens bounds it): a client that stops reading must not block the worker, which
+        # holds the engine lock until its generation ends (at max_tokens or the time limit).
+        q: queue.Queue = queue.Queue()
         done = object()
         try:
             parse(body)  # validate before the 200 status goes out
@@ -170,13 +186,10 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, limits: S
 
         def worker():
             try:
-                gen = run_locked(lambda: start(body, chat), lambda c: q.put(("chunk", c)))
+                gen = run_locked(body, chat, lambda c: q.put(("chunk", c)))
                 q.put(("end", gen.finish_reason))
             except CmcError as exc:
-                q.put(("error", {"message": str(exc), "type": "delta_fault" if isinstance(exc, DeltaFault)
-                                 else "invalid_request_error", "code": 500 if isinstance(exc, DeltaFault) else 400}))
-            except TimeoutError as exc:
-                q.put(("error", {"message": str(exc), "type": "timeout", "code": 504}))
+                q.put(("error", error_of(exc)))
             except Exception as exc:  # noqa: BLE001 - the stream must end with an error, not hang
                 log.exception("generation failed")
                 q.put(("error", {"message": f"internal error: {exc!r}", "type": "server_error", "code": 500}))
@@ -238,8 +251,9 @@ def serve(args) -> int:
     if not is_loopback(args.host) and not args.api_key:
         raise InputError(f"refusing to listen on {args.host} without an API key",
                          fix="pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or use --host 127.0.0.1")
+    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                          request_timeout_s=args.request_timeout)
     engine = build_engine(args)
-    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit)
     app = create_app(engine, model_name=engine.target.path.stem, api_key=args.api_key, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

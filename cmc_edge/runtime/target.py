@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 def check_gguf(path: str | Path) -> Path:
     """Fail early, with a fix, on a missing, truncated or non-GGUF file (llama.cpp would only crash)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not a GGUF model file", fix="pass the path of the .gguf file in it")
     if not path.is_file():
         raise InputError(f"model file {path} not found", fix="pass the path of a .gguf file")
     with open(path, "rb") as fh:
@@ -70,7 +72,12 @@ class TargetLLM:
     def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         if add_bos is None:
             add_bos = bool(self._lib.llama_vocab_get_add_bos(self.vocab))
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        try:                      # lone surrogates: bytes that were not UTF-8 in argv, or "\udcff" in JSON
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"the text is not valid UTF-8: {exc.reason} at character {exc.start} "
+                             f"({text[exc.start:exc.end]!r})", fix="pass UTF-8 text; re-encode the input as UTF-8") from exc
+        return self.llm.tokenize(data, add_bos=add_bos, special=True)
 
     # -- chat --------------------------------------------------------------------------------
     def prompt_format(self, override: str | None = None) -> PromptFormat:
