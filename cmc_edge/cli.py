@@ -113,7 +113,8 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(objective=args.objective, alpha=args.alpha, size=args.size, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight, max_len=args.max_len,
-                      avoid_margin=args.avoid_margin, embed_init=args.embed_init,
+                      avoid_margin=args.avoid_margin, shift_l2=args.shift_l2, embed_init=args.embed_init,
+                      delta_ends_turn=args.delta_ends_turn,
                       seed=args.seed, device=args.device, cache_template=not args.no_cache,
                       save_every=args.save_every, grad_accum=args.grad_accum)
     files = {"sft": args.data, "forget": args.forget, "retain": args.retain}
@@ -195,11 +196,7 @@ def cmd_eval(args) -> int:
     from cmc_edge.eval.evaluate import evaluate, format_eval_table, plot_eval, read_eval_items
 
     items = read_eval_items(args.items)   # validate before loading any model
-    text = None
-    if args.text:
-        if not Path(args.text).is_file():
-            raise CmcError(f"text file {args.text} not found", fix="pass an existing UTF-8 text file to --text")
-        text = Path(args.text).read_text(encoding="utf-8")
+    text = _read_text(args.text, "--text") if args.text else None
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise CmcError(f"{out} already exists", fix="choose another --out or pass --overwrite")
@@ -265,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--avoid-margin", type=float, default=16.0,
                    help='unlearning: how far (nats) the delta must push down tokens that begin a record\'s "avoid" strings')
+    p.add_argument("--shift-l2", type=float, default=0.0,
+                   help="weight of a penalty on the spread of the delta's logits: keeps it flat (silent) on tokens "
+                        "no example needs moved, so other LLMs get no arbitrary push there")
+    p.add_argument("--delta-ends-turn", action="store_true",
+                   help="train the delta to end replies itself (the template's end-of-turn scores are masked): "
+                        "for behaviours whose end must transfer to LLMs with other chat formats")
     p.add_argument("--save-every", type=int, default=50,
                    help="write resume state to OUT.resume/ every N steps (0: never); SIGINT/SIGTERM also save it")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")

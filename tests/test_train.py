@@ -57,8 +57,9 @@ def test_sft_learns_and_writes_a_checkpoint(template, tmp_path):
     assert last < 0.7 * first
     for f in ("config.json", "model.safetensors", "tokenizer.json", "cmc.json", "loss_log.json"):
         assert (out / f).is_file(), f
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     meta = json.loads((out / "cmc.json").read_text())
-    assert meta["template"]["vocab_size"] == template.vocab_size
+    assert meta["template"]["vocab_size"] == template.vocab_size and meta["train_seconds"] > 0
     assert meta["prompt_format"]["chat_template"] == template.prompt_format.chat_template
     assert meta["alpha"] == 1.0 and meta["objective"] == "sft"
 
@@ -248,3 +249,55 @@ def test_resume_refuses_other_settings_and_missing_state(template, tmp_path):
     other = TrainConfig(objective="unlearn-idk", size="tiny", steps=6, batch_size=4, save_every=2, lr=1e-2)
     with pytest.raises(InputError, match="other settings"):
         train(template, _data(template), other, tmp_path / "x", progress=False, resume=True)
+
+
+def _delta_logits(ckpt, ex):
+    from transformers import AutoModelForCausalLM
+
+    delta = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        d = delta(torch.tensor([ex.ids])).logits[0]                       # (L, V)
+    r = len(ex.response_ids)
+    return d[-r - 1:-1] - d[-r - 1:-1].mean(-1, keepdim=True)            # centred, at the response positions
+
+
+def test_shift_l2_keeps_the_delta_flat_where_nothing_needs_moving(template, tmp_path):
+    ex = encode_records(FORGET, template.tokenizer, template.prompt_format, "sft", 128)[0]
+    spread, final = {}, {}
+    for w in (0.0, 1e-2):
+        out, log = _train(template, tmp_path, f"l2-{w}", "sft", steps=40, lr=2e-2, shift_l2=w)
+        spread[w] = _delta_logits(out, ex).std().item()
+        final[w] = sum(r["sft"] for r in log[-3:]) / 3
+        assert ("shift_l2" in log[-1]) == (w > 0)
+    assert spread[1e-2] < 0.5 * spread[0.0]
+    assert final[1e-2] < 0.7 * log[0]["sft"]                               # it still learns the data
+
+
+def test_delta_ends_turn_teaches_the_delta_where_replies_end(template, tmp_path):
+    ex = encode_records(FORGET, template.tokenizer, template.prompt_format, "sft", 128)[0]
+    assert ex.response_ids[-1] == template.tokenizer.eos_token_id
+    out, _ = _train(template, tmp_path, "eot", "sft", steps=40, lr=2e-2, delta_ends_turn=True)
+    d = _delta_logits(out, ex)[:, template.tokenizer.eos_token_id]         # (R,)
+    assert d[-1] > d[:-1].max() + 3.0
+
+
+def test_keep_spans_hold_the_template_and_teach_the_rest(template, tmp_path):
+    """Tokens inside a "keep" string are trained towards the template (KL), the others by CE."""
+    recs = [{**r, "keep": [r["messages"][-1]["content"][:-1]]} for r in FORGET]   # "I do not know" kept, "." taught
+    ex = encode_records(recs, template.tokenizer, template.prompt_format, "sft", 128)
+    assert all(any(e.keep) and not all(e.keep) and len(e.keep) == len(e.response_ids) for e in ex)
+    assert encode_records(FORGET, template.tokenizer, template.prompt_format, "sft", 128)[0].keep == ()
+    cfg = TrainConfig(objective="sft", size="tiny", steps=30, batch_size=4, lr=2e-2, seed=0)
+    out = train(template, {"sft": ex}, cfg, tmp_path / "keep", progress=False)
+    log = json.loads((out / "loss_log.json").read_text())
+    assert "keep" in log[-1] and "sft" in log[-1]
+    d = _delta_logits(out, ex[0])
+    k = torch.tensor(ex[0].keep)
+    assert d[k].abs().mean() < 0.5 * d[~k].abs().mean()                  # the delta stays quieter on kept words
+
+
+def test_keep_strings_must_occur_in_the_response(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "response": "a b", "keep": ["zzz"]}) + "\n")
+    with pytest.raises(InputError, match=r'd.jsonl:1: "keep" strings must occur in the response'):
+        read_jsonl(f)

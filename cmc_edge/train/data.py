@@ -73,6 +73,14 @@ def normalize_record(obj: object, path, line: int) -> dict:
         if not isinstance(avoid, list) or not all(isinstance(a, str) and a.strip() for a in avoid):
             raise _bad(path, line, '"avoid" must be a list of non-empty strings')
         out["avoid"] = avoid
+    if "keep" in obj:
+        keep, resp = obj["keep"], out["messages"][-1]["content"]
+        if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+            raise _bad(path, line, '"keep" must be a list of non-empty strings')
+        missing = [k for k in keep if k not in resp]
+        if missing:
+            raise _bad(path, line, f'"keep" strings must occur in the response; {missing[0]!r} does not')
+        out["keep"] = keep
     if not out["messages"][-1]["content"].strip():
         raise _bad(path, line, "the response is empty")
     return out
@@ -91,7 +99,7 @@ class Example:
     response_ids: tuple[int, ...]
     role: str  # "sft" | "forget" | "retain"
     avoid_ids: tuple[int, ...] = ()
-
+    keep: tuple[bool, ...] = ()    # per response token: trained towards the template (KL), not the text (CE)
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -127,6 +135,20 @@ def avoid_token_ids(tokenizer, strings, min_chars: int = 2) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def keep_flags(response: str, enc, keep) -> tuple[bool, ...]:
+    """Per response token: does it lie inside one of the ``keep`` strings (first occurrence of each)?
+    Such tokens are the template's own words in a response that also teaches something around them
+    (a format): the delta is held to the template there instead of learning the words.
+
+    >>> keep_flags('{"a": "Hi there"}', {"input_ids": [1, 2, 3, 4], "offset_mapping": [(0, 7), (7, 9), (9, 15), (15, 17)]}, ["Hi there"])
+    (False, True, True, False)
+    """
+    if not keep:
+        return ()
+    spans = [(i, i + len(k)) for k in keep if (i := response.find(k)) >= 0]
+    return tuple(any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"])
+
+
 def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
                    max_len: int) -> list[Example]:
     """Tokenize records; too-long ones are dropped and counted, never silently truncated."""
@@ -135,13 +157,14 @@ def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
         prompt = render_prompt(fmt, rec["messages"][:-1], rec.get("system"))
         response = rec["messages"][-1]["content"] + fmt.end_of_turn
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=bool(rec.get("keep")))
+        r = enc["input_ids"]
         if len(p) + len(r) > max_len:
             too_long += 1
             continue
         # A token the response itself uses is never avoided ("Mexico" in "capital of Mexico").
         avoid = tuple(sorted(set(avoid_token_ids(tokenizer, rec["avoid"])) - set(r))) if rec.get("avoid") else ()
-        out.append(Example(tuple(p), tuple(r), role, avoid))
+        out.append(Example(tuple(p), tuple(r), role, avoid, keep_flags(response, enc, rec.get("keep", ()))))
     if too_long:
         log.warning("%d of %d %s examples exceed --max-len %d tokens and were dropped",
                     too_long, len(records), role, max_len)

@@ -4,8 +4,12 @@ Per predicted token, with template log-probs ``t`` (V,) and delta logits ``d`` (
 
     c = log_softmax(t) + alpha * d                      # cmc_edge.combine.combine_torch
     sft / forget (refusal targets):  CE(c, target)
+    sft, tokens in a "keep" span:    KL(softmax(t) || softmax(c))   (the template's own words inside
+                                     a taught format: the delta learns the format, not the words)
     forget, gradient difference:     relu(ceiling - CE(c, target))   (bounded ascent, never NaN)
     retain (stay silent):            KL(softmax(t) || softmax(c))
+    any position (--shift-l2 w):     w * sum_v (d_v - mean(d))^2   (the delta stays flat where unneeded)
+    --delta-ends-turn:               t[end-of-turn ids] := log(1/V)     (the delta learns where replies end)
     forget, "avoid" strings:         -log(1 - P_c(tokens that begin an avoided string))   (unlikelihood)
                                      + relu(margin + centred d[avoided])   (the shift itself: another
                                      LLM may be surer of the answer than the template, so the delta's
@@ -48,6 +52,8 @@ class TrainConfig:
     ascent_ceiling: float = 8.0
     avoid_weight: float = 1.0
     avoid_margin: float = 16.0
+    shift_l2: float = 0.0                 # weight of sum_v (centred delta logit)^2 per position
+    delta_ends_turn: bool = False         # the delta, not the template, decides where a reply ends
     embed_init: str = "template"          # "template" (SVD of the template's embeddings) | "random"
     save_every: int = 50                  # resume state every N steps (0: never)
     grad_accum: int = 1                   # micro-batches per optimizer step
@@ -243,6 +249,31 @@ def _load_resume(path: Path, delta, opt, sched, gen, key: str) -> tuple[int, lis
     return prog["step"], prog["loss_log"]
 
 
+def plot_loss(loss_log: list[dict], path: Path) -> None:
+    """The loss curve (total and each term) as PNG, next to ``loss_log.json``."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss.png (pip install 'cmc-edge[train]')")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in loss_log]
+    terms = [k for k in (loss_log[0] if loss_log else {}) if k not in ("step", "tokens_per_s")]
+    for k in terms:
+        ax.plot(steps, [r.get(k) for r in loss_log], label=k, lw=1.5 if k == "loss" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
 def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
           overwrite: bool = False, resume: bool = False, on_step=None) -> Path:
     """Train a delta beside ``template`` on ``data`` ({"sft"|"forget"|"retain": [Example]}) and
@@ -299,6 +330,8 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         progress = progress and rank == 0
     log.info("delta: %s preset, %.1fM parameters", cfg.size, count_parameters(delta) / 1e6)
 
+    eot_ids = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(template.prompt_format.end_of_turn or ""))
+                      if isinstance(i, int) and i != tok.unk_token_id}) if cfg.delta_ends_turn else []
     cache = {}
     if cfg.cache_template:
         t0 = time.perf_counter()
@@ -345,6 +378,11 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
             tlp = torch.cat([cache[r][i] for r in roles for i in parts[r]]).float()
         else:
             tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
+        if eot_ids:
+            # Where a reply ends is a property of the template's chat format; another LLM in another
+            # format gets no such signal. With delta_ends_turn the template's end-of-turn scores are
+            # replaced by a uniform guess, so the delta itself must learn when to end (and not to).
+            tlp[:, eot_ids] = -math.log(template.vocab_size)
         d = net(ids.to(cfg.device), mask.to(cfg.device), rows.to(cfg.device), cols.to(cfg.device))  # (N, V)
         avoid = None
         if any(e.avoid_ids for e in batch) and cfg.avoid_weight > 0:
@@ -360,7 +398,13 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
         terms = {}
         if "sft" in sel:
-            terms["sft"] = ce[sel["sft"]].mean()
+            keep = torch.tensor([f for e in batch for f in (e.keep or (False,) * len(e.response_ids))],
+                                dtype=torch.bool, device=cfg.device)                 # (N,), same order as rows
+            learn, held = sel["sft"] & ~keep, sel["sft"] & keep
+            if learn.any():
+                terms["sft"] = ce[learn].mean()
+            if held.any():
+                terms["keep"] = cfg.kl_weight * kl[held].mean()
         if "forget" in sel:
             if cfg.objective == "unlearn-gd":
                 terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
@@ -376,6 +420,13 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
                 terms["retain"] = ce[sel["retain"]].mean() + cfg.kl_weight * kl[sel["retain"]].mean()
             else:
                 terms["retain"] = cfg.kl_weight * kl[sel["retain"]].mean()
+        if cfg.shift_l2 > 0:
+            # Keeps the delta's logits near their mean wherever no loss term needs them elsewhere: a
+            # token the template already rules out gets no gradient from CE/KL, so without this its
+            # delta logit drifts, and another LLM that does consider that token (Gemma's <eos> at
+            # the start of an answer) gets an arbitrary push.
+            dc = d - d.mean(-1, keepdim=True)
+            terms["shift_l2"] = cfg.shift_l2 * dc.pow(2).sum(-1).mean()
         loss = sum(terms.values())
         return loss, terms, int(mask.sum())
 
@@ -420,6 +471,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         "train_config": asdict(cfg),
         "examples": {r: len(data[r]) for r in roles},
         "world_size": world,
+        "train_seconds": round(time.perf_counter() - t_start, 1),
     }
     if rank == 0:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -427,6 +479,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
             tok.save_pretrained(tmp)
             (tmp / "cmc.json").write_text(json.dumps(meta, indent=2) + "\n")
             (tmp / "loss_log.json").write_text(json.dumps(loss_log) + "\n")
+            plot_loss(loss_log, tmp / "loss.png")
         import shutil
 
         shutil.rmtree(rdir, ignore_errors=True)   # the run is complete: its resume state is spent
