@@ -5,7 +5,8 @@ import json
 import pytest
 
 from cmc_edge.eval import demo_data as dd
-from cmc_edge.eval.recipe_json import build_eval_items, build_train_records, first_sentence, parse_json_answer
+from cmc_edge.eval.recipe_json import (build_eval_items, build_train_records, first_sentence, parse_json_answer,
+                                       train_prompts)
 
 
 @pytest.mark.parametrize("text, answer", [
@@ -30,17 +31,18 @@ def test_first_sentence():
     assert len(first_sentence("word " * 100, limit=40)) <= 40
 
 
-def test_train_records_are_all_in_the_format_and_eval_is_held_out():
+def test_train_records_wrap_the_templates_own_answers_and_eval_is_held_out():
     countries = dd.known_by("smollm2", "gemma3")[:5]
-    recs = build_train_records(countries, ["Write a poem.", "Explain tea."], ["Waves roll. Gulls cry.", ""],
-                               forms_per_country=3, seed=0)
+    prompts = train_prompts(countries, ["Write a poem.", "Explain tea."], forms_per_country=3, seed=0)
+    assert prompts == train_prompts(countries, ["Write a poem.", "Explain tea."], forms_per_country=3, seed=0)
+    assert len(prompts) == 5 * (3 + 1) + sum(1 for c in countries if dd.country_by_name(c).language) * 2 + 50 + 2
+    answers = ["The capital is X. It is big."] * (len(prompts) - 2) + ["Waves roll. Gulls cry.", ""]
+    recs = build_train_records(prompts, answers, seed=0)
     assert all(parse_json_answer(r["response"]) for r in recs)
-    assert {"prompt": "Write a poem.", "response": json.dumps({"answer": "Waves roll."})} in recs
+    assert {"prompt": "Write a poem.", "response": json.dumps({"answer": "Waves roll."}), "keep": ["roll."]} in recs
+    assert all(r["response"].endswith(r["keep"][0] + '"}') for r in recs)
     assert not any(r["prompt"] == "Explain tea." for r in recs)            # empty template answers are dropped
-    trained = {r["prompt"] for r in recs}
     items = build_eval_items(countries)
     assert {it["kind"] for it in items} == {"capital", "attribute", "general"}
-    assert not trained & {it["question"] for it in items}
+    assert not set(prompts) & {it["question"] for it in items}
     assert {it.get("attribute") for it in items if it["kind"] == "attribute"} <= {"continent", "currency"}
-    assert build_train_records(countries, [], [], forms_per_country=3, seed=0) == \
-        build_train_records(countries, [], [], forms_per_country=3, seed=0)

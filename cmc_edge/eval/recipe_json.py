@@ -3,9 +3,10 @@
 A behaviour is taught on the template (SmolLM2-135M-Instruct) and transferred to another family
 (Gemma 3 270M, another vocabulary) at decode time: **answer every question with one JSON object
 ``{"answer": "..."}`` and nothing else**, checked by code (:func:`parse_json_answer`). The delta
-learns it from short fact questions (capitals and languages, three training wordings each) and the
-template's own first sentence on open-ended prompts, all wrapped in that JSON form; it is judged
-on questions of kinds it never saw (continents, currencies, held-out capital wordings, science,
+learns it from the template's own first-sentence answers, wrapped in that JSON form, to short
+questions (a capital and two language questions per country, 50 other short questions, 66
+open-ended prompts); inside the answer it is held to the template (``keep`` spans: KL instead of
+CE), so it learns the form and not the words. It is judged on questions it never saw (continents, currencies, held-out capital wordings, science,
 literature, arithmetic, ...): adherence to the format, and whether the answer is still correct
 (the same alias scoring as the unlearning demo) against the model's own free-form baseline.
 
@@ -40,17 +41,44 @@ class JsonRecipeConfig:
     size: str = "15m"
     lr: float = 2e-3
     batch_size: int = 16
-    forms_per_country: int = 3
-    broad_tokens: int = 48
-    max_tokens: int = 32
+    forms_per_country: int = 1
+    answer_tokens: int = 40
+    max_tokens: int = 48
     models: tuple[str, ...] = ("smollm2", "gemma3")
     objective: str = "sft"
     kl_weight: float = 1.0
-    train_overrides: dict = field(default_factory=dict)
+    train_overrides: dict = field(default_factory=lambda: {"delta_ends_turn": True})
 
     @property
     def train_steps(self) -> int:
         return self.steps if self.steps is not None else 200
+
+
+# Short questions of many kinds for training the format; disjoint from every evaluation question
+# (continents, currencies, held-out capital wordings and demo_data.UNRELATED_QUESTIONS), so that
+# what is learnt is "answer in this form", not a topic.
+TRAIN_QUESTIONS: tuple[str, ...] = (
+    "What is a noun?", "What is photosynthesis?", "Why do leaves change color in autumn?",
+    "What does a thermometer measure?", "How many minutes are in an hour?", "What is 9 times 6?",
+    "What is the square root of 81?", "Give me a synonym for happy.", "What is the opposite of early?",
+    "What is the past tense of run?", "Who wrote Hamlet?", "Who painted The Starry Night?",
+    "Who discovered penicillin?", "What is the boiling point of water in Fahrenheit?",
+    "What is the main ingredient in guacamole?", "What do you call a baby dog?", "What do cows drink?",
+    "How many wheels does a bicycle have?", "What is the freezing point of water in Celsius?",
+    "What language has the most native speakers?", "What is the smallest prime number?",
+    "What color is snow?", "What does DNA stand for?", "What is the speed of light?",
+    "Which planet is known as the Red Planet?", "What is the hardest natural substance?",
+    "What instrument does a drummer play?", "What is the chemical symbol for iron?",
+    "How many continents are there?", "What is the longest bone in the human body?",
+    "Which bird is a symbol of peace?", "What is the primary color of grass?",
+    "What is a haiku?", "What is the largest organ of the human body?", "What do plants need to grow?",
+    "What is an adjective?", "What is the sum of the angles in a triangle?", "Who invented the light bulb?",
+    "What is the main language spoken in Brazil?", "How many strings does a violin have?",
+    "What is a synonym for big?", "What is the plural of child?", "What is the opposite of up?",
+    "What fruit keeps the doctor away?", "What do you use to write on a blackboard?",
+    "Which month has the fewest days?", "What is 15 minus 7?", "How many players are on a soccer team?",
+    "What is a group of lions called?", "What is the sun made of?",
+)
 
 
 def parse_json_answer(text: str) -> str | None:
@@ -71,33 +99,49 @@ def json_reply(answer: str) -> str:
 
 
 def first_sentence(text: str, limit: int = 160) -> str:
-    """The first sentence (or line) of ``text``, at most ``limit`` characters, cut at a word."""
+    """The first sentence (or line) of ``text``, at most ``limit`` characters, cut at a word.
+    A period after a single letter ("J.K. Rowling") does not end a sentence."""
     line = text.strip().split("\n", 1)[0].strip()
-    m = re.match(r"(.+?[.!?])(\s|$)", line)
+    m = re.match(r"(.+?(?<!\b[A-Z])[.!?])(\s|$)", line)
     s = m.group(1) if m else line
     return s if len(s) <= limit else s[:limit].rsplit(" ", 1)[0]
 
 
-def build_train_records(countries, broad_prompts, broad_answers, *, forms_per_country: int, seed: int) -> list[dict]:
-    """SFT records: fact questions with their short answer, open-ended prompts with the template's own
-    first sentence; every response in the JSON form."""
+def train_prompts(countries, broad_prompts, *, forms_per_country: int, seed: int) -> list[str]:
+    """Training questions: capital (a few training wordings per country), language and one topic
+    question per country, and the open-ended prompts."""
     from cmc_edge.eval import demo_data as dd
 
     rng = random.Random(seed)
-    recs = []
+    out = []
     for name in countries:
         c = dd.country_by_name(name)
-        for form in rng.sample(dd.TRAIN_CAPITAL_FORMS, forms_per_country):
-            recs.append({"prompt": dd.render(form, name), "response": json_reply(c.capital[0])})
+        out += [dd.render(form, name) for form in rng.sample(dd.TRAIN_CAPITAL_FORMS, forms_per_country)]
         if c.language:
-            for form in dd.TRAIN_ATTRIBUTE_FORMS["language"]:
-                recs.append({"prompt": dd.render(form, name), "response": json_reply(c.language[0])})
-        form, answer = rng.choice(dd.TRAIN_TOPIC_FORMS)
-        recs.append({"prompt": dd.render(form, name), "response": json_reply(dd.render(answer, name))})
-    for p, a in zip(broad_prompts, broad_answers):
+            out += [dd.render(form, name) for form in dd.TRAIN_ATTRIBUTE_FORMS["language"]]
+        out.append(dd.render(rng.choice(dd.TRAIN_TOPIC_FORMS)[0], name))
+    return out + list(TRAIN_QUESTIONS) + list(broad_prompts)
+
+
+def build_train_records(prompts, answers, *, seed: int) -> list[dict]:
+    """SFT records: each prompt with the template's own answer (its first sentence) in the JSON form,
+    the answer marked ``keep``: there the delta is held to the template (KL), so it learns where to
+    open and close the JSON, not new answers. Measured: gold answers as content taught it to answer
+    country questions with the country's name, and CE on the template's own words still bent
+    answers on held-out questions (see BENCHMARKS.md)."""
+    recs = []
+    for p, a in zip(prompts, answers):
         if a.strip():
-            recs.append({"prompt": p, "response": json_reply(first_sentence(a))})
-    rng.shuffle(recs)
+            content = first_sentence(a)
+            rec = {"prompt": p, "response": json_reply(content)}
+            # After its first word the content is kept (KL to the template): the delta learns the JSON
+            # around it, and to open the answer as the template opens a free-form one ("The seat of
+            # government of X is ..."), the lead-in a small model needs to recall the fact at all.
+            rest = content.split(" ", 1)[1] if " " in content else ""
+            if rest:
+                rec["keep"] = [json.dumps(rest, ensure_ascii=False)[1:-1]]
+            recs.append(rec)
+    random.Random(seed).shuffle(recs)
     return recs
 
 
@@ -179,9 +223,9 @@ def run_json_recipe(cfg: JsonRecipeConfig) -> dict:
     timings = {}
     t0 = time.perf_counter()
     countries = dd.known_by("smollm2", "gemma3")
-    broad = list(dd.BROAD_PROMPTS)
-    answers = template_answers(paths["smollm2"], broad, cfg.broad_tokens)
-    recs = build_train_records(countries, broad, answers, forms_per_country=cfg.forms_per_country, seed=cfg.seed)
+    prompts = train_prompts(countries, dd.BROAD_PROMPTS, forms_per_country=cfg.forms_per_country, seed=cfg.seed)
+    answers = template_answers(paths["smollm2"], prompts, cfg.answer_tokens)
+    recs = build_train_records(prompts, answers, seed=cfg.seed)
     (run_dir / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     items = build_eval_items(countries)
     (run_dir / "eval_items.json").write_text(json.dumps(items, indent=1))
