@@ -48,6 +48,23 @@ def _disk_full(exc: BaseException, final: Path) -> CmcError | None:
     return None
 
 
+_NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _make_temp(final: Path, make):
+    """``make(dir=...)`` beside ``final`` (mkstemp / mkdtemp), with a clear error when it cannot be."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return make(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        if (full := _disk_full(exc, final)) is not None:
+            raise full from exc
+        if exc.errno in _NO_WRITE:
+            raise CmcError(f"cannot write {final}: {exc.strerror} in {final.parent}",
+                           fix="choose an output path in a directory you can write to") from exc
+        raise
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -64,8 +81,7 @@ def sha256_bytes(data: bytes) -> str:
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it over ``final`` only if the block succeeds."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = _make_temp(final, tempfile.mkstemp)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
@@ -89,8 +105,7 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     final = Path(final)
     if final.exists() and not overwrite:
         raise InputError(f"{final} already exists", fix="choose another output path or pass --overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = Path(_make_temp(final, tempfile.mkdtemp))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp

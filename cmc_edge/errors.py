@@ -15,7 +15,8 @@ class CmcError(Exception):
     def __init__(self, problem: str, fix: str | None = None):
         self.problem = problem
         self.fix = fix
-        super().__init__(problem if fix is None else f"{problem}. Fix: {fix}")
+        end = "" if problem.endswith((".", "!", "?")) else "."
+        super().__init__(problem if fix is None else f"{problem}{end} Fix: {fix}")
 
 
 class InputError(CmcError):

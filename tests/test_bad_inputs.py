@@ -239,6 +239,28 @@ def export_disk_full(env):
     return ["export", str(env.ckpt()), "--out", str(env.tmp / "out")]
 
 
+def export_no_space_for_temp_dir(env):
+    """The disk is already full: even the temporary directory cannot be created."""
+    import cmc_edge.artifacts as artifacts
+
+    def mkdtemp(**_kw):
+        raise no_space(env.tmp / "out")
+
+    env.monkeypatch.setattr(artifacts.tempfile, "mkdtemp", mkdtemp)
+    return ["export", str(env.ckpt()), "--out", str(env.tmp / "out")]
+
+
+def map_out_read_only(env):
+    """The output directory is on a read-only file system (the temporary file cannot be created)."""
+    import cmc_edge.artifacts as artifacts
+
+    def mkstemp(**_kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(env.tmp))
+
+    env.monkeypatch.setattr(artifacts.tempfile, "mkstemp", mkstemp)
+    return ["map", "--model", str(env.gguf), "--delta", str(env.bundle()), "--out", str(env.tmp / "map.npz")]
+
+
 def overwrite_disk_full(env):
     """Replacing an existing bundle fails at the last rename: the old bundle must still be there."""
     import cmc_edge.artifacts as artifacts
@@ -371,12 +393,14 @@ CASES = [
          "cmc-edge train"),
     case("export-tolerance-zero", export_tolerance_zero, "tolerance must be positive", "--tolerance"),
     case("export-disk-full", export_disk_full, "disk is full", "free space"),
+    case("export-disk-full-before-any-data", export_no_space_for_temp_dir, "disk is full", "free space"),
     case("overwrite-disk-full-keeps-old", overwrite_disk_full, "disk is full", "free space"),
     # token maps
     case("map-for-another-model", map_for_another_model, "stale or foreign", "cmc-edge map"),
     case("map-file-truncated", map_file_truncated, "not a readable token map", "cmc-edge map"),
     case("map-out-exists", map_out_exists, "already exists", "--overwrite"),
     case("map-disk-full", map_out_disk_full, "disk is full", "free space"),
+    case("map-out-read-only", map_out_read_only, "Read-only file system", "directory you can write to"),
     case("map-sample-text-not-utf8", map_sample_text_not_utf8, "not valid UTF-8", "UTF-8"),
     # datasets
     case("data-missing", lambda env: env.train("--data", str(env.tmp / "nope.jsonl")), "not found", ".jsonl"),
@@ -434,6 +458,7 @@ def test_bad_input(setup, problem, fix_names, tiny_gguf, pristine, other_tokeniz
         assert "error: " in err and "Traceback" not in err
         message = err[err.index("error: ") + len("error: "):]
         message, _, fix = message.rpartition(". Fix: ")
+        assert not message.endswith("."), f"doubled full stop in {err!r}"
     assert problem.lower() in message.lower()
     assert fix_names in (fix or ""), f"the fix for {message!r} is {fix!r}"
     assert tree(tmp_path) == before           # nothing written, nothing lost, no temporary files
