@@ -20,8 +20,8 @@ PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a mes
 
 CHILD = r"""
 import json, resource, sys, time
-mode, model, bundle, tokens, threads, ngl, variant = sys.argv[1:8]
-tokens, threads, ngl = int(tokens), int(threads), int(ngl)
+mode, model, bundle, tokens, threads, ngl, variant, temp = sys.argv[1:9]
+tokens, threads, ngl, temp = int(tokens), int(threads), int(ngl), float(temp)
 from cmc_edge.models import resolve_model
 path = resolve_model(model)
 messages = [{"role": "user", "content": %r}]
@@ -34,7 +34,7 @@ if mode == "plain":
     llm = Llama(str(path), n_ctx=1024, n_threads=threads, n_gpu_layers=ngl, verbose=False, seed=0)
     ptoks = llm.tokenize(prompt.encode(), add_bos=llm._model.add_bos_token(), special=True)
     t0 = time.perf_counter(); n = 0
-    for tok in llm.generate(ptoks, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
+    for tok in llm.generate(ptoks, temp=temp, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
         n += 1
         if n >= tokens: break
     dt = time.perf_counter() - t0
@@ -47,17 +47,19 @@ else:
     # ignore EOS the way the plain loop does: stop only at the token budget
     target.is_eog = lambda t: False
     t0 = time.perf_counter()
-    gen = eng.generate(tgt, SamplingParams(max_tokens=tokens, temperature=0.0), delta_prompts=dps)
+    gen = eng.generate(tgt, SamplingParams(max_tokens=tokens, temperature=temp, top_k=40, seed=0), delta_prompts=dps)
     gen.read(); n = len(gen.tokens)
     dt = time.perf_counter() - t0
+    full_steps = gen.full_shift_steps
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"tokens": n, "seconds": dt, "tok_s": n / dt, "max_rss_mb": rss}))
+print(json.dumps({"tokens": n, "seconds": dt, "tok_s": n / dt, "max_rss_mb": rss,
+                  "full_shift_steps": full_steps if mode != "plain" else 0}))
 """ % PROMPT
 
 
-def run_once(mode, model, bundle, tokens, threads, ngl, variant):
+def run_once(mode, model, bundle, tokens, threads, ngl, variant, temperature=0.0):
     out = subprocess.run([sys.executable, "-c", CHILD, mode, model, str(bundle), str(tokens), str(threads), str(ngl),
-                          variant], capture_output=True, text=True, check=True)
+                          variant, str(temperature)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -70,6 +72,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy (the issue's setting); > 0 samples with top-k 40, top-p 0.95, min-p 0.05")
     args = ap.parse_args()
     results = {}
     for model in args.model or ["smollm2", "gemma3"]:
@@ -77,15 +81,18 @@ def main() -> int:
         for _ in range(args.runs):
             for mode in ("plain", "cmc"):
                 rows[mode].append(run_once(mode, model, Path(args.bundle), args.tokens, args.threads,
-                                           args.n_gpu_layers, args.variant))
+                                           args.n_gpu_layers, args.variant, args.temperature))
         med = {m: {"tok_s": statistics.median(r["tok_s"] for r in rows[m]),
                    "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows[m])} for m in rows}
         ratio = med["cmc"]["tok_s"] / med["plain"]["tok_s"]
         extra = med["cmc"]["max_rss_mb"] - med["plain"]["max_rss_mb"]
-        results[model] = {"median": med, "speed_ratio": ratio, "extra_rss_mb": extra, "runs": rows}
+        full = sum(r["full_shift_steps"] for r in rows["cmc"]) / max(1, sum(r["tokens"] for r in rows["cmc"]))
+        results[model] = {"median": med, "speed_ratio": ratio, "extra_rss_mb": extra, "full_shift_share": full,
+                          "runs": rows}
         print(f"{model:<8} plain {med['plain']['tok_s']:7.1f} tok/s  cmc-edge {med['cmc']['tok_s']:7.1f} tok/s  "
               f"ratio {ratio:.3f}   RSS plain {med['plain']['max_rss_mb']:.0f} MB  cmc-edge "
-              f"{med['cmc']['max_rss_mb']:.0f} MB  (+{extra:.0f} MB)")
+              f"{med['cmc']['max_rss_mb']:.0f} MB  (+{extra:.0f} MB)  full-vocabulary shift on {100 * full:.1f}% "
+              f"of steps")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()}))
     return 0
 

@@ -7,9 +7,10 @@ The combined next-token scores of the paper are::
 Training, export validation and the runtime all call this module. At decode time the
 runtime adds the *mapped* shift straight to the target LLM's raw logits: softmax is
 shift-invariant, so ``softmax(T + s) == softmax(log_softmax(T) + s)`` and no full-vocabulary
-log_softmax is needed. The delta's logits are centred (mean over the delta vocabulary
-subtracted) before mapping, so that a target token without a counterpart (shift 0)
-keeps the delta's *average* preference instead of an arbitrary absolute level.
+log_softmax is needed (:mod:`cmc_edge.runtime.shift` adds it in place). The delta's logits
+are centred (mean over the delta vocabulary subtracted) before mapping, so that a target token
+without a counterpart (shift 0) keeps the delta's *average* preference instead of an
+arbitrary absolute level.
 
 >>> import numpy as np
 >>> t = np.array([[2.0, 1.0, 0.0]], dtype=np.float32)
@@ -53,25 +54,8 @@ def mapped_shift_np(delta_logits: np.ndarray, index: np.ndarray, mask: np.ndarra
     """The shift CMC adds to a target LLM's logits. (V_d,) -> (V_t,)
 
     ``index[t]`` is the delta token that target token ``t`` maps to, ``mask[t]`` whether it maps
-    at all; unmapped tokens get 0. This is the reference form; the runtime's in-place variant
-    :func:`add_mapped_shift_` must agree with it (tested).
+    at all; unmapped tokens get 0. This is the reference form; the runtime's in-place variants
+    (:mod:`cmc_edge.runtime.shift`, full and top-k) must agree with it (tested).
     """
     d = centred_np(delta_logits)
     return np.where(mask, np.float32(alpha) * d[index], np.float32(0.0)).astype(np.float32)
-
-
-def add_mapped_shift_(target_logits: np.ndarray, delta_logits: np.ndarray, dst: np.ndarray | None,
-                      src: np.ndarray | None, alpha: float) -> np.ndarray:
-    """Add the mapped shift to ``target_logits`` in place and return it. (V_t,) += f((V_d,))
-
-    ``dst`` are the mapped target ids and ``src`` their delta ids (unique ``dst``, so plain
-    fancy-index addition is exact). ``dst is None`` means the identity map (same vocabulary).
-    """
-    d = centred_np(delta_logits)
-    a = np.float32(alpha)
-    if dst is None:
-        n = min(target_logits.shape[-1], d.shape[-1])
-        target_logits[:n] += a * d[:n]
-    else:
-        target_logits[dst] += a * d[src]
-    return target_logits

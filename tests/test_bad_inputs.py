@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cmc_edge.artifacts import atomic_dir, sha256_file
@@ -175,8 +176,30 @@ def member_escapes(env):
 
 def bundle_from_the_future(env):
     b = env.bundle()
-    rewrite_manifest(b, format_version=2)
+    rewrite_manifest(b, format_version=3)
     return ["inspect", str(b)]
+
+
+def bundle_of_format_1(env):
+    """A bundle from before the output layer moved out of the graph."""
+    b = env.bundle()
+    rewrite_manifest(b, format_version=1)
+    return env.gen(delta=b)
+
+
+def embedding_wrong_shape(env):
+    b = env.bundle()
+    np.save(b / "embedding.npy", np.zeros((10, 4), np.float32))
+    rewrite_manifest(b)
+    return env.gen(delta=b)
+
+
+def embedding_is_a_pickle(env):
+    """An object array in the .npy: loading it would unpickle; it is refused instead."""
+    b = env.bundle()
+    np.save(b / "embedding.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    rewrite_manifest(b)
+    return env.gen(delta=b)
 
 
 def checkpoint_as_bundle(env):
@@ -380,7 +403,10 @@ CASES = [
     case("bundle-manifest-truncated", manifest_truncated, "not valid JSON", "re-create"),
     case("bundle-file-missing", member_missing, "is missing from", "copy the whole bundle"),
     case("bundle-path-escapes", member_escapes, "points outside", "inside their own directory"),
-    case("bundle-newer-format", bundle_from_the_future, "format version 2", "upgrade cmc-edge"),
+    case("bundle-newer-format", bundle_from_the_future, "format version 3", "upgrade cmc-edge"),
+    case("bundle-old-format", bundle_of_format_1, "format version 1, no longer supported", "cmc-edge export"),
+    case("embedding-wrong-shape", embedding_wrong_shape, "the manifest declares float32 (300, 32)", "re-export"),
+    case("embedding-is-a-pickle", embedding_is_a_pickle, "cannot read the delta's embedding", "re-export"),
     case("checkpoint-as-bundle", checkpoint_as_bundle, "not a delta bundle", "training checkpoint; export it"),
     case("delta-vocab-hash-mismatch", tokenizer_swapped, "does not match its manifest's vocabulary hash", "re-export"),
     case("delta-other-template-vocab", tokenizer_of_another_vocab, "trained for another vocabulary",

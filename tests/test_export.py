@@ -63,7 +63,7 @@ def test_manifest_describes_the_bundle(bundle_dir, checkpoint):
     meta = json.loads((checkpoint / "cmc.json").read_text())
     b = load_bundle(bundle_dir)
     m = b.manifest
-    assert (m["format"], m["format_version"], m["combination"]) == ("cmc-edge-bundle", 1, COMBINATION)
+    assert (m["format"], m["format_version"], m["combination"]) == ("cmc-edge-bundle", 2, COMBINATION)
     assert b.default_alpha == meta["alpha"] == 1.5
     assert b.prompt_format == meta["prompt_format"] and m["template"] == meta["template"]
     assert m["delta_config"] == meta["delta_config"]
@@ -71,10 +71,16 @@ def test_manifest_describes_the_bundle(bundle_dir, checkpoint):
     assert (b.onnx.num_layers, b.onnx.num_kv_heads, b.onnx.head_dim) == (2, 2, 16)
     assert b.onnx.vocab_size == meta["delta_config"]["vocab_size"] and b.max_positions == 128
     assert set(b.models) == {"fp32", "int8"}
-    assert {"delta.onnx", "delta.int8.onnx", "tokenizer.json", "tokenizer_config.json"} <= set(m["files"])
+    assert {"delta.onnx", "delta.int8.onnx", "embedding.npy", "tokenizer.json", "tokenizer_config.json"} <= set(m["files"])
+    E = b.load_embedding()                              # the tied table, outside the graph, read without pickle
+    assert E.shape == (b.onnx.vocab_size, b.onnx.hidden_size) == (meta["delta_config"]["vocab_size"], 32)
+    import torch
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    np.testing.assert_array_equal(E, model.get_input_embeddings().weight.detach().numpy())
     assert all(sha256_file(bundle_dir / n) == h for n, h in m["files"].items())
     assert 0 <= m["validation"]["max_abs_diff"] <= m["validation"]["tolerance"] == TOL
-    assert m["validation"]["int8"]["top1_in_top5"] >= m["validation"]["int8"]["min_top1_in_top5"]
+    assert 0 <= m["validation"]["int8"]["shift_error"] <= m["validation"]["int8"]["max_shift_error"] == 0.5
     assert m["created_by"].startswith("cmc-edge ")
     assert sorted(p.name for p in bundle_dir.iterdir()) == sorted([*m["files"], "manifest.json"])
 
@@ -121,7 +127,7 @@ def test_validation_catches_a_graph_that_differs(checkpoint, bundle_dir):
         model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     b = load_bundle(bundle_dir)
     with pytest.raises(ExportValidationError) as info:
-        validate_onnx(model, b.model_path("fp32"), b.onnx, tolerance=TOL)
+        validate_onnx(model, b.model_path("fp32"), b.onnx, b.load_embedding(), tolerance=TOL)
     assert info.value.max_abs_diff > TOL and info.value.tolerance == TOL
 
 
@@ -183,3 +189,13 @@ def test_bad_checkpoints(checkpoint, tmp_path, edit, error, problem):
     with pytest.raises(error, match=problem) as info:
         read_checkpoint(ckpt)
     assert info.value.fix
+
+
+def test_int8_check_names_the_shift_error(bundle_dir):
+    from cmc_edge.export.quantize import compare_int8
+
+    b = load_bundle(bundle_dir)
+    with pytest.raises(ExportValidationError) as info:
+        compare_int8(b.model_path("fp32"), b.model_path("int8"), b.onnx, b.load_embedding(), max_shift_error=1e-9)
+    assert "changes the delta's shift by up to" in info.value.problem and "--no-int8" in info.value.fix
+    assert info.value.max_abs_diff > 1e-9

@@ -6,9 +6,11 @@ import pytest
 from cmc_edge.errors import DeltaFault
 from cmc_edge.prompt import PromptFormat
 from cmc_edge.runtime.engine import Engine, SamplingParams
+from cmc_edge.runtime.shift import DeltaHead, MappedHead
 from cmc_edge.runtime.sync import DeltaTracker
 from cmc_edge.runtime.target import TargetLLM
 
+HIDDEN = 8
 PROMPT = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -29,8 +31,8 @@ class FaultyModel:
         if self.calls > self.ok_calls:
             if self.mode == "raise":
                 raise RuntimeError("onnxruntime exploded")
-            return np.full(self.vocab, np.nan, np.float32)
-        return np.zeros(self.vocab, np.float32)
+            return np.full(HIDDEN, np.nan, np.float32)
+        return np.zeros(HIDDEN, np.float32)                     # the final hidden state: a zero shift
 
     def rollback(self, n):
         del self.seq[n:]
@@ -44,7 +46,9 @@ class FaultyDelta:
 
     def __init__(self, vocab, ok_calls, mode):
         self.session = FaultyModel(vocab, ok_calls, mode)
-        self.name, self.alpha, self.dst, self.src = "faulty", 1.0, None, None
+        self.name, self.alpha = "faulty", 1.0
+        self.head = DeltaHead(np.random.default_rng(0).normal(size=(vocab, HIDDEN)).astype(np.float32))
+        self.mapped = MappedHead(self.head, np.arange(vocab), np.ones(vocab, bool))
         self.prompt_format = PromptFormat(chat_template=None)
 
     def tracker(self, prompt):

@@ -11,6 +11,7 @@ import pytest
 from cmc_edge.errors import DeltaFault, InputError
 from cmc_edge.runtime.bundle import load_bundle
 from cmc_edge.runtime.onnx_delta import OnnxDelta
+from cmc_edge.runtime.shift import DeltaHead
 from tiny_checkpoint import make_tiny_bundle
 
 CPU = ["CPUExecutionProvider"]
@@ -36,7 +37,7 @@ def test_feed_then_rollback_equals_feeding_from_scratch(bundle):
     got = delta.feed([seq[11], seq[3]])
     fresh = OnnxDelta(bundle, "fp32", providers=CPU)
     want = fresh.feed(seq[:5] + [seq[11], seq[3]])
-    assert got.shape == (bundle.onnx.vocab_size,) and got.dtype == np.float32
+    assert got.shape == (bundle.onnx.hidden_size,) and got.dtype == np.float32       # the final hidden state
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert delta.n_past == fresh.n_past == 7
 
@@ -62,7 +63,7 @@ def test_feed_returns_the_last_row_of_feed_all(bundle):
     b = OnnxDelta(bundle, providers=CPU)
     all_rows = a.feed_all(seq)
     assert all_rows.shape == (6, bundle.onnx.vocab_size)
-    np.testing.assert_array_equal(b.feed(seq), all_rows[-1])
+    np.testing.assert_allclose(b.head.logits(b.feed(seq)), all_rows[-1], atol=1e-6, rtol=0)
 
 
 def test_token_by_token_equals_one_prefill(bundle):
@@ -70,7 +71,7 @@ def test_token_by_token_equals_one_prefill(bundle):
     step = OnnxDelta(bundle, providers=CPU)
     rows = [step.feed([t]) for t in seq]
     whole = OnnxDelta(bundle, providers=CPU).feed_all(seq)
-    np.testing.assert_allclose(np.stack(rows), whole, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(step.head.logits(np.stack(rows)), whole, atol=1e-5, rtol=0)
 
 
 def test_reset_and_rollback_to_zero_start_over(bundle):
@@ -122,7 +123,7 @@ def test_non_finite_logits_raise_delta_fault(bundle, tmp_path):
             init.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(init).shape, np.nan, np.float32),
                                                   init.name))
     onnx.save(model, str(tmp_path / "nan.onnx"))
-    delta = OnnxDelta.from_file(tmp_path / "nan.onnx", bundle.onnx, providers=CPU)
+    delta = OnnxDelta.from_file(tmp_path / "nan.onnx", bundle.onnx, DeltaHead(bundle.load_embedding()), providers=CPU)
     with pytest.raises(DeltaFault, match="non-finite") as info:
         delta.feed([1, 2, 3])
     assert info.value.fix and delta.n_past == 0         # a failed step does not advance the cache

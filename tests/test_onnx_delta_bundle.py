@@ -33,7 +33,7 @@ def test_loads_and_resolves_members(pristine):
     b = load_bundle(pristine)
     assert b.tokenizer_path == pristine.resolve() / "tokenizer.json"
     assert b.model_path("fp32") == pristine.resolve() / "delta.onnx"
-    assert isinstance(b.onnx, OnnxSpec) and b.onnx.input_names[:2] == ("input_ids", "position_ids")
+    assert isinstance(b.onnx, OnnxSpec) and b.onnx.input_names[:2] == ("inputs_embeds", "position_ids")
 
 
 def corrupt_file(root):
@@ -64,12 +64,14 @@ def tokenizer_outside(root):
     (absolute, ArtifactError, "not a relative path", "inside their own directory"),
     (lambda r: (r / "manifest.json").unlink(), ArtifactError, "has no manifest.json", "cmc-edge export"),
     (lambda r: (r / "tokenizer.json").unlink(), ArtifactError, "tokenizer.json is missing", "copy the whole"),
-    (version(2), ArtifactError, "format version 2", "upgrade cmc-edge"),
-    (version(0), ArtifactError, "format version 0", "re-export"),
+    (version(3), ArtifactError, "format version 3", "upgrade cmc-edge"),
+    (version(1), ArtifactError, "format version 1, no longer supported", "re-export"),
     (version("1"), ArtifactError, "no valid format_version", "re-export"),
     (lambda r: edit_manifest(r, lambda m: m.update(format="cmc-edge-checkpoint")), ArtifactError,
      "format 'cmc-edge-checkpoint'", "export it first"),
     (tokenizer_outside, ArtifactError, "not among its checksummed files", "re-export"),
+    (lambda r: edit_manifest(r, lambda m: m.pop("embedding")), ArtifactError, "names the embedding None",
+     "re-export"),
     (lambda r: edit_manifest(r, lambda m: m.update(default_alpha=None)), ArtifactError, "default_alpha",
      "re-export"),
     (lambda r: edit_manifest(r, lambda m: m["onnx"].update(num_layers=3)), ArtifactError, "3 layers need",

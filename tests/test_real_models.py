@@ -139,7 +139,8 @@ def test_mapped_shift_moves_gemma_towards_the_taught_answer(trained, gemma3):
     target.llm.eval(ids)
     logits = np.array(target.llm.scores[len(ids) - 1], dtype=np.float32)
     delta.session.reset()
-    shift = mapped_shift_np(delta.session.feed(delta.encode(delta_prompt)), delta.map.index, delta.map.mask, 1.0)
+    h = delta.session.feed(delta.encode(delta_prompt))                  # the final hidden state
+    shift = mapped_shift_np(delta.head.logits(h), delta.map.index, delta.map.mask, 1.0)
     bon = [t for t in range(target.n_vocab) if target.llm.detokenize([t]).decode("utf-8", "replace").strip()
            in ("Bon", "Bonj", "Bonjour")]
     assert bon

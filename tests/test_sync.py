@@ -59,7 +59,7 @@ def test_incremental_sync_equals_from_scratch(text):
     tr = DeltaTracker(delta, greedy_words, [1, 2, 3])
     data = text.encode()
     for i in range(1, len(data) + 1):
-        got = tr.logits_for(data[:i])
+        got = tr.state_for(data[:i])
         shown = complete_utf8_prefix(data[:i])
         expect = FakeDelta.logits([1, 2, 3] + greedy_words(shown))
         np.testing.assert_array_equal(got, expect)
@@ -71,10 +71,10 @@ def test_incremental_sync_equals_from_scratch(text):
 def test_resegmentation_rolls_back_instead_of_recomputing():
     delta = FakeDelta()
     tr = DeltaTracker(delta, greedy_words, [5])
-    tr.logits_for(b"12")
-    tr.logits_for(b"123")   # "12" + "3": grows
+    tr.state_for(b"12")
+    tr.state_for(b"123")   # "12" + "3": grows
     before = delta.fed_total
-    tr.logits_for(b"1234")  # "12" + "34": the last token is re-segmented
+    tr.state_for(b"1234")  # "12" + "34": the last token is re-segmented
     assert tr.resyncs >= 1
     assert delta.fed_total - before <= 2  # only the changed tail was fed
     assert delta.seq == [5] + greedy_words("1234")
@@ -93,7 +93,7 @@ def test_sliding_window_instead_of_a_crash():
     tr = DeltaTracker(delta, lambda s: [ord(c) for c in s], [1, 2])
     text = b"abcdefghijklmnopqrstuvwxyz0123456789"
     for i in range(1, len(text) + 1):
-        got = tr.logits_for(text[:i])
+        got = tr.state_for(text[:i])
         assert len(delta.seq) <= 16
         # The delta sees the most recent tokens, ending with the newest one.
         assert delta.seq[-1] == text[i - 1]

@@ -75,12 +75,7 @@ def perplexity(model_path, text: str, deltas=(), alphas=(), *, n_ctx: int = 1024
         row = scores[i - 1].copy()
         for d, a, tr in trackers:
             prefix = gen[len(target.piece(toks[first])):]
-            dl = tr.logits_for(prefix)
-            if d.dst is None:
-                n = min(len(row), len(dl))
-                row[:n] += mapped_shift_np(dl, np.arange(n), np.ones(n, bool), a)
-            else:
-                row += mapped_shift_np(dl, d.map.index, d.map.mask, a)
+            row += mapped_shift_np(d.head.logits(tr.state_for(prefix)), d.map.index, d.map.mask, a)
         nll.append(-log_softmax_np(row)[toks[i]])
         gen += target.piece(toks[i])
     return float(np.exp(np.mean(nll)))

@@ -25,6 +25,7 @@ CHECKPOINT_FORMAT = "cmc-edge-checkpoint"
 CHECKPOINT_VERSION = 1
 FP32_NAME = "delta.onnx"
 INT8_NAME = "delta.int8.onnx"
+EMBEDDING_NAME = "embedding.npy"
 TOKENIZER_NAME = "tokenizer.json"
 # Copied when present; tokenizer.json alone is what the runtime reads.
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -102,7 +103,9 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
     from tqdm.auto import tqdm
 
     from cmc_edge import __version__
-    from cmc_edge.export.onnx import DEFAULT_OPSET, export_onnx, validate_onnx
+    import numpy as np
+
+    from cmc_edge.export.onnx import DEFAULT_OPSET, embedding_table, export_onnx, validate_onnx
     from cmc_edge.export.quantize import compare_int8, quantize_int8
     from cmc_edge.tokenmap import read_tokenizer_json
 
@@ -120,9 +123,11 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
         bar.set_postfix_str("ONNX")
         model = load_delta_model(ckpt)
         spec = export_onnx(model, tmp / FP32_NAME, opset=opset)
+        embedding = embedding_table(model)
+        np.save(tmp / EMBEDDING_NAME, embedding, allow_pickle=False)
         bar.update()
         bar.set_postfix_str("validate")
-        validation = validate_onnx(model, tmp / FP32_NAME, spec, tolerance=tolerance)
+        validation = validate_onnx(model, tmp / FP32_NAME, spec, embedding, tolerance=tolerance)
         bar.update()
         models = {"fp32": FP32_NAME}
         if int8:
@@ -130,7 +135,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
             quantize_int8(tmp / FP32_NAME, tmp / INT8_NAME)
             bar.update()
             bar.set_postfix_str("INT8 check")
-            validation["int8"] = compare_int8(tmp / FP32_NAME, tmp / INT8_NAME, spec)
+            validation["int8"] = compare_int8(tmp / FP32_NAME, tmp / INT8_NAME, spec, embedding)
             models["int8"] = INT8_NAME
             bar.update()
         bar.set_postfix_str("manifest")
@@ -152,6 +157,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
             "onnx": {**spec.to_dict(), "opset": opset},
             "models": models,
             "tokenizer": TOKENIZER_NAME,
+            "embedding": EMBEDDING_NAME,
             "files": files,
             "validation": validation,
             "created_by": f"cmc-edge {__version__}",

@@ -2,12 +2,17 @@
 
 Graph interface (batch 1, no padding; :class:`cmc_edge.runtime.bundle.OnnxSpec`)::
 
-    input_ids     int64   (1, S)          position_ids  int64   (1, S)
+    inputs_embeds float32 (1, S, d)       position_ids  int64   (1, S)
     past_key_i    float32 (1, H, P, Dh)   past_value_i  float32 (1, H, P, Dh)     i < num_layers
-    -> logits     float32 (1, S, V)
+    -> hidden     float32 (1, S, d)       the final (normed) hidden state
     -> present_key_i / present_value_i    float32 (1, H, P+S, Dh)
 
-S and P are dynamic (P may be 0: the prefill).
+S and P are dynamic (P may be 0: the prefill). The tied embedding ``E`` (V, d) is not in the
+graph: it is saved beside it (``embedding.npy``) and the runtime applies it on both ends, the
+lookup ``E[ids]`` before the graph and the output layer ``z = E @ h`` after it
+(:mod:`cmc_edge.runtime.shift`). The output layer is most of a small delta's weights (12.6M of
+16M parameters for the 15m preset over a 49k vocabulary); outside the graph the runtime computes it
+only for the target tokens the sampler can still pick, and the table is held in memory once.
 
 How the cache gets through ``torch.export``: :class:`KVCacheWrapper` takes the past as plain
 tensors, builds a ``transformers.DynamicCache`` *inside* the traced function, calls the HF
@@ -51,26 +56,36 @@ def onnx_spec(config) -> OnnxSpec:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return OnnxSpec.for_layers(num_layers=config.num_hidden_layers,
                                num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
-                               vocab_size=config.vocab_size, max_positions=config.max_position_embeddings)
+                               vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
+                               hidden_size=config.hidden_size)
+
+
+def embedding_table(model) -> np.ndarray:
+    """The delta's tied embedding / output matrix, float32. (V, d)"""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        raise ExportValidationError("the delta's output layer is not tied to its input embedding",
+                                    fix="train deltas with `cmc-edge train` (its models tie them)")
+    return model.get_input_embeddings().weight.detach().float().cpu().numpy()
 
 
 class KVCacheWrapper(torch.nn.Module):
-    """``(input_ids, position_ids, *past) -> (logits, *present)`` around an HF causal LM."""
+    """``(inputs_embeds, position_ids, *past) -> (hidden, *present)`` around an HF causal LM."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.num_layers = model.config.num_hidden_layers
 
-    def forward(self, input_ids, position_ids, *past):
+    def forward(self, inputs_embeds, position_ids, *past):
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        out = self.model.model(inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=cache,
+                               use_cache=True)
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]                      # (1, H, P+S, Dh) each
-        return (out.logits.float(), *present)                          # (1, S, V), ...
+        return (out.last_hidden_state.float(), *present)               # (1, S, d), ...
 
 
 def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET) -> OnnxSpec:
@@ -79,18 +94,18 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET) -> OnnxS
     wrapper = KVCacheWrapper(model).eval()
     P, S = 4, 3
     past = [torch.zeros(1, spec.num_kv_heads, P, spec.head_dim) for _ in spec.past_names]      # (1, H, P, Dh)
-    input_ids = torch.zeros(1, S, dtype=torch.long)                                            # (1, S)
+    inputs_embeds = torch.zeros(1, S, spec.hidden_size)                                        # (1, S, d)
     position_ids = torch.arange(P, P + S).unsqueeze(0)                                         # (1, S)
     s_dim = torch.export.Dim("S", min=1, max=spec.max_positions)
     p_dim = torch.export.Dim("P", min=0, max=spec.max_positions)
-    dynamic_shapes = {"input_ids": {1: s_dim}, "position_ids": {1: s_dim},
+    dynamic_shapes = {"inputs_embeds": {1: s_dim}, "position_ids": {1: s_dim},
                       "past": tuple({2: p_dim} for _ in spec.past_names)}
     log.info("exporting %d-layer delta to ONNX (opset %d)", spec.num_layers, opset)
     with torch.no_grad(), warnings.catch_warnings():
         # S and P appear in several inputs; the exporter says so once per input. Benign.
         warnings.filterwarnings("ignore", message=r".*axis name: [SP] will not be used")
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
-        torch.onnx.export(wrapper, (input_ids, position_ids, *past), str(path), dynamo=True,
+        torch.onnx.export(wrapper, (inputs_embeds, position_ids, *past), str(path), dynamo=True,
                           input_names=list(spec.input_names), output_names=list(spec.output_names),
                           dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=False,
                           verbose=False, optimize=True)
@@ -108,11 +123,14 @@ def reference_logits(model, ids: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.from_numpy(ids)[None]).logits[0].float().numpy()
 
 
-def onnx_logits(onnx_path: str | Path, spec: OnnxSpec, ids: np.ndarray, chunks: Sequence[int]) -> np.ndarray:
-    """onnxruntime's logits for ``ids`` fed in ``chunks`` through the KV cache (CPU). (N,) -> (N, V)"""
+def onnx_logits(onnx_path: str | Path, spec: OnnxSpec, embedding: np.ndarray, ids: np.ndarray,
+                chunks: Sequence[int]) -> np.ndarray:
+    """onnxruntime's logits (graph + output layer) for ``ids`` fed in ``chunks`` through the KV
+    cache (CPU). (N,) -> (N, V)"""
     from cmc_edge.runtime.onnx_delta import OnnxDelta
+    from cmc_edge.runtime.shift import DeltaHead
 
-    delta = OnnxDelta.from_file(onnx_path, spec, providers=["CPUExecutionProvider"])
+    delta = OnnxDelta.from_file(onnx_path, spec, DeltaHead(embedding), providers=["CPUExecutionProvider"])
     out, n = [], 0
     for c in chunks:
         out.append(delta.feed_all(ids[n:n + c]))                       # (c, V)
@@ -120,7 +138,7 @@ def onnx_logits(onnx_path: str | Path, spec: OnnxSpec, ids: np.ndarray, chunks: 
     return np.concatenate(out)
 
 
-def validate_onnx(model, onnx_path: str | Path, spec: OnnxSpec, *, tolerance: float,
+def validate_onnx(model, onnx_path: str | Path, spec: OnnxSpec, embedding: np.ndarray, *, tolerance: float,
                   chunks: Sequence[int] = VALIDATION_CHUNKS) -> dict:
     """Compare onnxruntime with PyTorch on a prefill plus incremental steps.
 
@@ -129,7 +147,7 @@ def validate_onnx(model, onnx_path: str | Path, spec: OnnxSpec, *, tolerance: fl
     """
     ids = validation_ids(spec.vocab_size, sum(chunks))
     ref = reference_logits(model, ids)
-    got = onnx_logits(onnx_path, spec, ids, chunks)
+    got = onnx_logits(onnx_path, spec, embedding, ids, chunks)
     diff = float(np.abs(got - ref).max())
     log.info("ONNX vs PyTorch: max |diff| %.3g (tolerance %.3g)", diff, tolerance)
     if not diff <= tolerance:               # also catches NaN

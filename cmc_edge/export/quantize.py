@@ -1,19 +1,18 @@
 """Weights-only INT8 for the delta graph (onnxruntime dynamic quantization), and how it is checked.
 
-Order matters: ``quant_pre_process`` runs first. The delta ties its input and output
-embeddings, so the exported graph computes the LM head as ``MatMul(h, Transpose(E))``.
-Quantized as is, the head's weight is not a constant, the shared table is quantized once
-for the ``Gather`` and *dequantized in full on every step* to feed the transpose: INT8 ends up
-slower than fp32. The pre-process pass (onnxruntime graph optimisation + shape inference)
-folds ``Transpose(E)`` into its own constant, so the head becomes an integer ``MatMul`` and the
-embedding lookup dequantizes only the rows it gathers.
+``quant_pre_process`` (onnxruntime graph optimisation + shape inference) runs first, so every
+weight feeding a ``MatMul`` is a folded constant that quantizes to an integer ``MatMul``. (When
+the graph still held the tied embedding, skipping it made the table dequantize in full on every
+step and INT8 slower than fp32; the embedding now lives outside the graph, in fp32.)
 
-INT8 logits cannot match fp32 to 1e-4, so the check is behavioural. Over a fixed sequence
-(a prefill, then single-token steps) the export requires INT8's top token to be among fp32's
-top 5 at >= 95% of positions. Exact top-1 agreement is recorded but not enforced: an untrained
-or lightly trained delta has near-flat logits whose arg-max flips on 1e-3 changes (15m preset,
-random weights: top-1 agreement 0.875-1.0 across seeds, top-1-in-top-5 1.0 on every seed).
-Also recorded: top-5 overlap, max and mean |int8 - fp32|, and the mean KL(fp32 || int8).
+INT8 logits cannot match fp32 to 1e-4, so the check is behavioural, on what decoding uses: the
+*centred* delta logits (the shift, at alpha 1). Over a fixed sequence (a prefill, then
+single-token steps) the largest change INT8 makes to any token's shift must stay below
+``max_shift_error`` (default 0.5 nats: no probability ratio in the combined model moves by more
+than e^(2 x 0.5) = 2.7x; measured on the demo's filter: 0.03-0.06). Top-1 agreement, top-5 overlap
+and the mean KL(fp32 || int8) are recorded but not enforced: a delta's logits on random ids
+are near-flat, and their arg-max flips on 1e-3 changes (the demo filter retrained for 450 steps:
+INT8's top token in fp32's top 5 at 92% of positions, with a largest shift change of 0.055).
 
 Dynamic quantization scales the activations per call (one scale per tensor of S tokens), so INT8
 logits also depend slightly (~1e-3) on how tokens are grouped into ``feed`` calls; fp32 does not.
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # The check feeds a 24-token prefill, then single tokens: positions 0..39.
 INT8_CHUNKS = (24,) + (1,) * 16
-DEFAULT_MIN_TOP5_HIT = 0.95
+DEFAULT_MAX_SHIFT_ERROR = 0.5
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> Path:
@@ -74,22 +73,23 @@ def agreement(ref: np.ndarray, got: np.ndarray, k: int = 5) -> dict:
     }
 
 
-def compare_int8(fp32_path: str | Path, int8_path: str | Path, spec: OnnxSpec, *,
-                 min_top5_hit: float = DEFAULT_MIN_TOP5_HIT) -> dict:
-    """Agreement of the INT8 graph with the fp32 graph; raises if INT8's top token leaves fp32's
-    top 5 at more than ``1 - min_top5_hit`` of the positions."""
+def compare_int8(fp32_path: str | Path, int8_path: str | Path, spec: OnnxSpec, embedding: np.ndarray, *,
+                 max_shift_error: float = DEFAULT_MAX_SHIFT_ERROR) -> dict:
+    """Agreement of the INT8 graph with the fp32 graph; raises if INT8 changes any token's centred
+    delta logit (its shift at alpha 1) by more than ``max_shift_error`` nats."""
     from cmc_edge.export.onnx import onnx_logits, validation_ids
 
     ids = validation_ids(spec.vocab_size, sum(INT8_CHUNKS), seed=1)
-    ref = onnx_logits(fp32_path, spec, ids, INT8_CHUNKS)                 # (N, V)
-    got = onnx_logits(int8_path, spec, ids, INT8_CHUNKS)                 # (N, V)
-    report = {**agreement(ref, got, k=5), "positions": len(ids), "min_top1_in_top5": min_top5_hit}
-    log.info("INT8 vs fp32: top-1 agreement %.3f, top-1 in top-5 %.3f, max |diff| %.3g",
-             report["top1_agreement"], report["top1_in_top5"], report["max_abs_diff"])
-    if not report["top1_in_top5"] >= min_top5_hit:
+    ref = onnx_logits(fp32_path, spec, embedding, ids, INT8_CHUNKS)      # (N, V)
+    got = onnx_logits(int8_path, spec, embedding, ids, INT8_CHUNKS)      # (N, V)
+    shift_error = float(np.abs((got - got.mean(-1, keepdims=True)) - (ref - ref.mean(-1, keepdims=True))).max())
+    report = {**agreement(ref, got, k=5), "positions": len(ids), "shift_error": shift_error,
+              "max_shift_error": max_shift_error}
+    log.info("INT8 vs fp32: largest shift change %.3g nats, top-1 agreement %.3f, top-1 in top-5 %.3f",
+             shift_error, report["top1_agreement"], report["top1_in_top5"])
+    if not shift_error <= max_shift_error:          # also catches NaN
         raise ExportValidationError(
-            f"the INT8 graph's top token is in fp32's top 5 at only {report['top1_in_top5']:.0%} of "
-            f"{len(ids)} positions (required: {min_top5_hit:.0%}; max |int8 - fp32| {report['max_abs_diff']:.3g})",
-            fix="use the fp32 variant (export with --no-int8)",
-            max_abs_diff=report["max_abs_diff"], tolerance=min_top5_hit)
+            f"the INT8 graph changes the delta's shift by up to {shift_error:.3g} nats over {len(ids)} positions "
+            f"(allowed: {max_shift_error:g})", fix="use the fp32 variant (export with --no-int8)",
+            max_abs_diff=shift_error, tolerance=max_shift_error)
     return report

@@ -4,19 +4,21 @@ A bundle is ``manifest.json`` plus the files it names, each with its SHA-256::
 
     bundle/
       manifest.json        format, version, combination rule, alpha, prompt format, vocab hash, graph I/O, checksums
-      delta.onnx           fp32 graph with KV cache
+      delta.onnx           fp32 graph with KV cache (embeddings in, final hidden state out)
       delta.int8.onnx      weights-only INT8 (optional)
+      embedding.npy        the tied embedding / output layer, float32 (V, d), read without pickle
       tokenizer.json ...   the delta's tokenizer
 
 Loading checks the format and version, that every file named stays inside the bundle directory,
 and (``verify=True``) every checksum; each failure says what is wrong and how to fix it.
 No torch here: this module runs on the edge.
 
->>> spec = OnnxSpec.for_layers(num_layers=1, num_kv_heads=2, head_dim=8, vocab_size=100, max_positions=64)
+>>> spec = OnnxSpec.for_layers(num_layers=1, num_kv_heads=2, head_dim=8, vocab_size=100, max_positions=64,
+...                            hidden_size=16)
 >>> spec.input_names
-('input_ids', 'position_ids', 'past_key_0', 'past_value_0')
+('inputs_embeds', 'position_ids', 'past_key_0', 'past_value_0')
 >>> spec.output_names
-('logits', 'present_key_0', 'present_value_0')
+('hidden', 'present_key_0', 'present_value_0')
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from cmc_edge.errors import ArtifactError, InputError
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "cmc-edge-bundle"
-BUNDLE_VERSION = 1
+# 2: the graph maps embeddings to the final hidden state; the tied embedding is embedding.npy.
+BUNDLE_VERSION = 2
 MANIFEST = "manifest.json"
 COMBINATION = "log_softmax(template_logits) + alpha * delta_logits"
 Variant = Literal["fp32", "int8"]
@@ -45,8 +48,10 @@ _REEXPORT = "re-export it with `cmc-edge export CHECKPOINT --out DIR`"
 class OnnxSpec:
     """The delta graph's interface (batch 1, no padding; S new tokens on top of P cached ones).
 
-    inputs ``input_ids``/``position_ids`` int64 (1, S), ``past_{key,value}_i`` float32 (1, H, P, Dh);
-    outputs ``logits`` float32 (1, S, V), ``present_{key,value}_i`` float32 (1, H, P+S, Dh).
+    inputs ``inputs_embeds`` float32 (1, S, d), ``position_ids`` int64 (1, S),
+    ``past_{key,value}_i`` float32 (1, H, P, Dh); outputs ``hidden`` float32 (1, S, d),
+    ``present_{key,value}_i`` float32 (1, H, P+S, Dh). The output layer (tied embedding, (V, d))
+    is applied by the runtime.
     """
 
     input_names: tuple[str, ...]
@@ -56,9 +61,10 @@ class OnnxSpec:
     head_dim: int
     vocab_size: int
     max_positions: int
+    hidden_size: int
 
     def __post_init__(self):
-        for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_positions"):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_positions", "hidden_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ArtifactError(f"the bundle's onnx.{name} must be a positive integer, got {v!r}", fix=_REEXPORT)
@@ -70,13 +76,13 @@ class OnnxSpec:
 
     @classmethod
     def for_layers(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int,
-                   max_positions: int) -> "OnnxSpec":
+                   max_positions: int, hidden_size: int) -> "OnnxSpec":
         """The canonical names for ``num_layers`` layers (what the exporter writes)."""
         kv = [f"{k}_{i}" for i in range(num_layers) for k in ("key", "value")]
-        return cls(input_names=("input_ids", "position_ids", *(f"past_{x}" for x in kv)),
-                   output_names=("logits", *(f"present_{x}" for x in kv)),
+        return cls(input_names=("inputs_embeds", "position_ids", *(f"past_{x}" for x in kv)),
+                   output_names=("hidden", *(f"present_{x}" for x in kv)),
                    num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                   vocab_size=vocab_size, max_positions=max_positions)
+                   vocab_size=vocab_size, max_positions=max_positions, hidden_size=hidden_size)
 
     @property
     def past_names(self) -> tuple[str, ...]:
@@ -94,7 +100,7 @@ class OnnxSpec:
     @classmethod
     def from_dict(cls, d: object) -> "OnnxSpec":
         keys = ("input_names", "output_names", "num_layers", "num_kv_heads", "head_dim", "vocab_size",
-                "max_positions")
+                "max_positions", "hidden_size")
         if not isinstance(d, dict) or any(k not in d for k in keys):
             raise ArtifactError(f"the bundle manifest's 'onnx' entry must be an object with {', '.join(keys)}",
                                 fix=_REEXPORT)
@@ -113,6 +119,7 @@ class Bundle:
     files: dict[str, Path]               # every checksummed file, by its name in the manifest
     models: dict[str, Path]              # variant ("fp32", "int8") -> ONNX file
     tokenizer_path: Path
+    embedding_path: Path
     onnx: OnnxSpec
     prompt_format: dict
     default_alpha: float
@@ -129,6 +136,20 @@ class Bundle:
                    else "use one of the variants it has")
             raise InputError(f"the bundle at {self.root} has no {variant!r} model (it has: {have})", fix=fix)
         return self.models[variant]
+
+    def load_embedding(self):
+        """The tied embedding / output layer as a float32 array (V, d); no pickle."""
+        import numpy as np
+
+        try:
+            E = np.load(self.embedding_path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ArtifactError(f"cannot read the delta's embedding {self.embedding_path}: {exc}", fix=_REEXPORT) from exc
+        want = (self.onnx.vocab_size, self.onnx.hidden_size)
+        if E.dtype != np.float32 or E.shape != want:
+            raise ArtifactError(f"the delta's embedding {self.embedding_path} is {E.dtype} {E.shape}, "
+                                f"the manifest declares float32 {want}", fix=_REEXPORT)
+        return E
 
 
 def _check_format(manifest: dict, where: Path) -> None:
@@ -191,6 +212,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise ArtifactError(f"{mpath} names no fp32 model", fix=_REEXPORT)
     models = {v: _member(root, n, files, f"the {v} model") for v, n in models_entry.items()}
     tokenizer_path = _member(root, manifest.get("tokenizer"), files, "the tokenizer")
+    embedding_path = _member(root, manifest.get("embedding"), files, "the embedding")
 
     alpha = manifest.get("default_alpha")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
@@ -203,7 +225,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise ArtifactError(f"{mpath} has a malformed prompt_format", fix=_REEXPORT)
 
     bundle = Bundle(root=root.resolve(), manifest=manifest, files=files, models=models,
-                    tokenizer_path=tokenizer_path, onnx=OnnxSpec.from_dict(manifest.get("onnx")),
+                    tokenizer_path=tokenizer_path, embedding_path=embedding_path, onnx=OnnxSpec.from_dict(manifest.get("onnx")),
                     prompt_format=prompt_format, default_alpha=float(alpha), delta_vocab_hash=vocab_hash)
     log.debug("loaded delta bundle %s (%s)", root, ", ".join(sorted(models)))
     return bundle

@@ -2,7 +2,9 @@
 
 The loop is llama-cpp-python's own (``Llama.eval`` + the same llama.cpp sampler chain that
 ``create_completion`` builds), with one change: before each sample, the mapped delta shift is
-added straight into llama.cpp's logits buffer for the last position. Because the loop is ours
+added straight into llama.cpp's logits buffer for the last position. When the sampler only reads
+the top k scores (greedy, top-k), the shift is computed only for the target tokens that can
+still reach the top k (:mod:`cmc_edge.runtime.shift`: exact, with a proof per step). Because the loop is ours
 and not a ctypes callback, an error in the delta path propagates: generation stops and the
 caller gets :class:`~cmc_edge.errors.DeltaFault`; no token sampled without the filter is emitted.
 
@@ -24,9 +26,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from cmc_edge.combine import add_mapped_shift_, log_softmax_np
+from cmc_edge.combine import log_softmax_np
 from cmc_edge.errors import CmcError, DeltaFault, GenerationTimeout, InputError
 from cmc_edge.prompt import PromptFormat, render_prompt
+from cmc_edge.runtime.shift import MappedHead, add_shift_, sampler_top_k
 from cmc_edge.runtime.sync import DeltaTracker
 
 log = logging.getLogger(__name__)
@@ -95,11 +98,9 @@ class Delta:
                            f"{self.bundle.onnx.vocab_size}: the delta was trained for another vocabulary",
                            fix="re-export it from its training checkpoint (weights and tokenizer together)")
         self.map = cached_token_map(target.path, delta_vocab, (cache_dir or default_cache()) / "maps")
-        if self.map.is_identity:
-            self.dst = self.src = None
-        else:
-            self.dst, self.src = self.map.dst, self.map.src
         self.session = OnnxDelta(self.bundle, variant=variant, providers=providers, threads=threads)
+        self.head = self.session.head
+        self.mapped = MappedHead(self.head, self.map.index, self.map.mask)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -154,6 +155,7 @@ class Generation:
     prompt_tokens: int = 0
     seconds: float = 0.0
     resyncs: int = 0
+    full_shift_steps: int = 0          # steps where the shift was computed over the whole vocabulary
 
     def __iter__(self):
         for chunk in self._it:
@@ -231,8 +233,9 @@ class Engine:
                                     temp=params.temperature, repeat_penalty=params.repeat_penalty)
         stream = TextStream(params.stop)
         gen_bytes = b""
-        shifts = [tr.last_logits for tr in trackers]
+        states = [tr.last_state for tr in trackers]
         n_vocab = self.target.n_vocab
+        top_k = sampler_top_k(params.temperature, params.top_k, params.repeat_penalty)
         stopped = False
         try:
             for step in range(params.max_tokens):
@@ -246,11 +249,13 @@ class Engine:
                 if active:
                     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
                     logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
-                    for (d, a, _), dl in zip(active, shifts):
-                        if not np.isfinite(dl.sum(dtype=np.float64)):
+                    for (d, _, _), h in zip(active, states):
+                        if not np.isfinite(h.sum(dtype=np.float64)):
                             raise DeltaFault(f"delta {d.name} produced non-finite logits at token {step}",
                                              fix="re-export the bundle; check it with `cmc-edge inspect`")
-                        add_mapped_shift_(logits, dl, d.dst, d.src, a)
+                    parts = [(d.mapped, h, a) for (d, a, _), h in zip(active, states)]
+                    if not add_shift_(logits, parts, k=top_k):
+                        gen.full_shift_steps += 1
                 token = sampler.sample(llm._ctx, -1)
                 if self.target.is_eog(token):
                     gen.finish_reason = "stop"
@@ -260,7 +265,7 @@ class Engine:
                 fut = self._pool.submit(self._sync_all, trackers, gen_bytes) if (active and self._pool) else None
                 llm.eval([token])
                 if active:
-                    shifts = fut.result() if fut is not None else self._sync_all(trackers, gen_bytes)
+                    states = fut.result() if fut is not None else self._sync_all(trackers, gen_bytes)
                 chunk, stopped = stream.push(self.target.piece(token))
                 if chunk:
                     yield chunk
@@ -315,25 +320,24 @@ class Engine:
         llm = self.target.llm
         llm.reset()
         llm.eval(ptoks)
-        shifts = [tr.last_logits for tr in trackers]
+        states = [tr.last_state for tr in trackers]
         nll, gen_bytes = np.empty(len(rtoks), np.float64), b""
         for i, token in enumerate(rtoks):
             ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
             logits = np.ctypeslib.as_array(ptr, shape=(self.target.n_vocab,)).copy()
-            for (d, a, _), dl in zip(active, shifts):
-                add_mapped_shift_(logits, dl, d.dst, d.src, a)
+            add_shift_(logits, [(d.mapped, h, a) for (d, a, _), h in zip(active, states)], k=None)
             nll[i] = -log_softmax_np(logits)[token]
             gen_bytes += self.target.piece(token)
             if i + 1 < len(rtoks):
                 llm.eval([token])
-                shifts = self._sync_all(trackers, gen_bytes)
+                states = self._sync_all(trackers, gen_bytes)
         if not np.isfinite(nll).all():
             raise DeltaFault("non-finite log-likelihood while scoring a reply", fix="check the delta bundle")
         return nll
 
     @staticmethod
     def _sync_all(trackers, gen_bytes: bytes) -> list[np.ndarray]:
-        return [tr.logits_for(gen_bytes) for tr in trackers]
+        return [tr.state_for(gen_bytes) for tr in trackers]
 
     def close(self):
         if self._pool is not None:

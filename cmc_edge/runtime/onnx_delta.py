@@ -1,15 +1,16 @@
 """The delta model at decode time: an onnxruntime session plus its KV cache (numpy + onnxruntime, no torch).
 
-``feed`` runs new token ids on top of the cache and returns the logits of the last one;
+``feed`` runs new token ids on top of the cache and returns the final hidden state of the last
+one (the delta's logits are ``delta.head.logits(h)``, see :mod:`cmc_edge.runtime.shift`);
 ``rollback`` truncates the cache (a slice, no recompute) when the delta's tokenization of the
 generated text is re-segmented; ``reset`` empties it. The cache stays in onnxruntime's own
 buffers (``OrtValue``s, on the session's device) and the ``present_*`` outputs of one step are
-bound as the ``past_*`` inputs of the next, so a step copies nothing but the new logits row.
+bound as the ``past_*`` inputs of the next, so a step copies nothing but the new hidden row.
 
 >>> from cmc_edge.runtime.bundle import load_bundle                     # doctest: +SKIP
 >>> delta = OnnxDelta(load_bundle("bundle/"), variant="int8")           # doctest: +SKIP
->>> logits = delta.feed([12, 345, 6]); logits.shape, delta.n_past       # doctest: +SKIP
-((49152,), 3)
+>>> h = delta.feed([12, 345, 6]); h.shape, delta.head.logits(h).shape, delta.n_past   # doctest: +SKIP
+((256,), (49152,), 3)
 >>> delta.rollback(2); _ = delta.feed([7])                              # doctest: +SKIP
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from cmc_edge.errors import ArtifactError, DeltaFault, InputError
 from cmc_edge.runtime.bundle import Bundle, OnnxSpec
+from cmc_edge.runtime.shift import DeltaHead
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +41,20 @@ class OnnxDelta:
     """One delta session with its KV cache. Not thread-safe: one generation at a time."""
 
     def __init__(self, bundle: Bundle, variant: Literal["fp32", "int8"] = "fp32",
-                 providers: list[str] | None = None, threads: int = 1):
-        self._setup(bundle.model_path(variant), bundle.onnx, providers, threads)
+                 providers: list[str] | None = None, threads: int = 1, head: DeltaHead | None = None):
+        path = bundle.model_path(variant)
+        self._setup(path, bundle.onnx, head or DeltaHead(bundle.load_embedding()), providers, threads)
 
     @classmethod
-    def from_file(cls, onnx_path: str | Path, spec: OnnxSpec, *, providers: list[str] | None = None,
-                  threads: int = 1) -> "OnnxDelta":
+    def from_file(cls, onnx_path: str | Path, spec: OnnxSpec, head: DeltaHead, *,
+                  providers: list[str] | None = None, threads: int = 1) -> "OnnxDelta":
         """A session on a bare graph file (the exporter validates with this before the bundle exists)."""
         self = cls.__new__(cls)
-        self._setup(Path(onnx_path), spec, providers, threads)
+        self._setup(Path(onnx_path), spec, head, providers, threads)
         return self
 
-    def _setup(self, path: Path, spec: OnnxSpec, providers: list[str] | None, threads: int) -> None:
+    def _setup(self, path: Path, spec: OnnxSpec, head: DeltaHead, providers: list[str] | None,
+               threads: int) -> None:
         import onnxruntime as ort
 
         if not isinstance(threads, int) or threads < 1:
@@ -74,7 +78,11 @@ class OnnxDelta:
             raise ArtifactError(f"the delta graph {path} has inputs {list(ins)} and outputs {list(outs)}, "
                                 "not the ones its manifest declares",
                                 fix="re-export the bundle with `cmc-edge export`")
+        if (head.vocab_size, head.hidden_size) != (spec.vocab_size, spec.hidden_size):
+            raise ArtifactError(f"the delta's embedding is {head.vocab_size} x {head.hidden_size}, its graph expects "
+                                f"{spec.vocab_size} x {spec.hidden_size}", fix="re-export the bundle with `cmc-edge export`")
         self.spec = spec
+        self.head = head
         self.path = path
         self.max_positions = spec.max_positions
         self.providers = self.session.get_providers()
@@ -116,14 +124,15 @@ class OnnxDelta:
 
     # -- stepping ----------------------------------------------------------------------------
     def feed(self, ids: Sequence[int]) -> np.ndarray:
-        """Run ``ids`` after the cached tokens; return the last position's logits (V,) float32."""
-        return self._run(ids, last_only=True)
+        """Run ``ids`` after the cached tokens; return the last position's hidden state (d,) float32."""
+        hidden = self._run(ids)                                                          # (S, d)
+        return hidden[-1] if len(hidden) == 1 else hidden[-1].copy()                    # (d,)
 
     def feed_all(self, ids: Sequence[int]) -> np.ndarray:
-        """Like :meth:`feed` but return every new position's logits (S, V) (validation, scoring)."""
-        return self._run(ids, last_only=False)
+        """Like :meth:`feed` but return every new position's full logits (S, V) (validation, scoring)."""
+        return self.head.logits(self._run(ids))
 
-    def _run(self, ids: Sequence[int], last_only: bool) -> np.ndarray:
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
         s = self.spec
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                       # (1, S)
         n_new = input_ids.shape[1]
@@ -141,7 +150,7 @@ class OnnxDelta:
         b = self._binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
-        b.bind_cpu_input(s.input_names[0], input_ids)
+        b.bind_cpu_input(s.input_names[0], self.head.embed(input_ids))                   # (1, S, d)
         b.bind_cpu_input(s.input_names[1], position_ids)
         for name, value in zip(s.past_names, self._past):
             b.bind_ortvalue_input(name, value)
@@ -154,12 +163,10 @@ class OnnxDelta:
             raise DeltaFault(f"the delta session failed at position {self._n_past}: {exc}",
                              fix="check the bundle with `cmc-edge inspect`") from exc
         out = b.get_outputs()
-        logits = out[0].numpy()[0]                                                        # (S, V)
-        if last_only:     # a copy after a prefill, so the caller does not pin all S rows
-            logits = logits[-1] if n_new == 1 else logits[-1].copy()                     # (V,)
-        if not np.isfinite(logits).all():
+        hidden = out[0].numpy()[0]                                                        # (S, d)
+        if not np.isfinite(hidden).all():
             raise DeltaFault(f"the delta produced non-finite logits at position {self._n_past + n_new - 1}",
                              fix="re-export the bundle; check it with `cmc-edge inspect`")
         self._past = list(out[1:])
         self._n_past += n_new
-        return logits
+        return hidden

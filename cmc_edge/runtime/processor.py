@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from cmc_edge.combine import add_mapped_shift_
 from cmc_edge.errors import DeltaFault
 
 
@@ -44,10 +43,10 @@ class CMCLogitsProcessor:
         try:
             gen = b"".join(self.target.piece(int(t)) for t in input_ids[self.prompt_tokens:])
             for d, a, tr in zip(self.deltas, self.alphas, self.trackers):
-                dl = tr.logits_for(gen)
-                if not np.isfinite(dl.sum(dtype=np.float64)):
+                h = tr.state_for(gen)
+                if not np.isfinite(h.sum(dtype=np.float64)):
                     raise DeltaFault(f"delta {d.name} produced non-finite logits", fix="re-export the bundle")
-                add_mapped_shift_(scores, dl, d.dst, d.src, a)
+                d.mapped.shift_full(h, a, scores)
             return scores
         except BaseException as exc:  # noqa: BLE001 - ctypes would swallow it: record and stop instead
             self.error = exc

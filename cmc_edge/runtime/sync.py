@@ -63,7 +63,7 @@ class DeltaTracker:
         self.prompt_ids = list(prompt_ids)
         self.fed: list[int] = []                  # ids currently in the delta's KV cache
         self.offset = 0                           # ids of prompt+generated dropped by the window
-        self.last_logits: np.ndarray | None = None
+        self.last_state: np.ndarray | None = None
         self.resyncs = 0                          # steps where the tail was re-segmented
         self.window_shifts = 0
         if not self.prompt_ids:
@@ -85,8 +85,8 @@ class DeltaTracker:
             if a != b:
                 break
             common += 1
-        if common == len(seq) == len(self.fed) and self.last_logits is not None:
-            return self.last_logits
+        if common == len(seq) == len(self.fed) and self.last_state is not None:
+            return self.last_state
         if common < len(self.fed):
             self.resyncs += 1
         if common == len(seq):               # the new sequence is a strict prefix: re-run its last token
@@ -94,12 +94,12 @@ class DeltaTracker:
         if common < self.delta.n_past:
             self.delta.rollback(common)
         self.fed = self.fed[:common]
-        self.last_logits = self.delta.feed(seq[common:])
+        self.last_state = self.delta.feed(seq[common:])
         self.fed.extend(seq[common:])
-        return self.last_logits
+        return self.last_state
 
-    def logits_for(self, generated: bytes) -> np.ndarray:
-        """Delta logits (V_d,) for the next token after ``prompt + generated``."""
+    def state_for(self, generated: bytes) -> np.ndarray:
+        """The delta's output (its final hidden state) for the next token after ``prompt + generated``."""
         text = complete_utf8_prefix(generated)
         gen_ids = self.encode(text) if text else []
         return self._sync(self.prompt_ids + list(gen_ids))

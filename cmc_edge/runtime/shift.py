@@ -1,0 +1,185 @@
+"""The delta's output layer, applied outside the ONNX graph, and the mapped shift at decode time.
+
+The delta graph ends at its final hidden state ``h`` (d,). Its logits are ``z = E @ h`` with the
+tied embedding ``E`` (V_d, d), and the shift CMC adds to target token ``t`` is::
+
+    s_t = alpha * (z[src_t] - mean(z))        mapped t       (mean(z) = mean_row(E) . h)
+    s_t = 0                                   unmapped t
+
+Computing all of ``z`` reads the whole of ``E`` every step (12.6M floats for a 49k vocabulary):
+more memory traffic than the delta's transformer layers, and on a CPU that traffic competes with
+llama.cpp's own. A sampler that only looks at the top ``k`` scores (greedy: k = 1; top-k) does not
+need it. With ``r_j = |E_j - mean_row(E)|``, Cauchy-Schwarz bounds every shift:
+``|s_t| <= |alpha| * |h| * r_{src_t} =: R_t``. So
+
+    lb_t = T_t - R_t  <=  T_t + s_t  <=  T_t + R_t = ub_t
+
+and with ``theta`` at most the k-th largest combined score, every token with ``ub_t < theta`` is
+provably outside the top k. :func:`add_shift_` computes the exact shift only for the candidates
+(``ub_t >= theta``), writes their exact combined scores and ``-inf`` elsewhere: the sampler's top k
+(and everything it samples from) is exactly what the full computation gives. When the candidate
+set would be large, or the sampler needs the whole distribution, it computes everything.
+
+>>> E = np.array([[1., 0.], [0., 1.], [-1., 0.], [0., -1.]], np.float32)
+>>> head = DeltaHead(E)
+>>> m = MappedHead(head, index=np.arange(4), mask=np.ones(4, bool))
+>>> T = np.array([0., 0.5, 3., 1.], np.float32)
+>>> h = np.array([2., 0.], np.float32)        # z = [2, 0, -2, 0]
+>>> full = T.copy(); _ = add_shift_(full, [(m, h, 1.0)], k=None); full.tolist()
+[2.0, 0.5, 1.0, 1.0]
+>>> fast = T.copy(); _ = add_shift_(fast, [(m, h, 1.0)], k=1); int(fast.argmax()), float(fast[0])
+(0, 2.0)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from cmc_edge.errors import DeltaFault
+
+# Past this many candidates the exact full computation is as cheap; fall back to it.
+MAX_CANDIDATES = 4096
+# Tokens within reach of the top by the coarse (largest-radius) bound, past which the per-token
+# bounds cost as much as the full path.
+MAX_POOL = 65536
+# Slack for float32 rounding in the bound (relative, absolute).
+_REL, _ABS = 1e-5, 1e-4
+
+
+class DeltaHead:
+    """The tied output layer ``z = E @ h`` of one delta, with what the bounds need. E: (V_d, d)."""
+
+    def __init__(self, embedding: np.ndarray):
+        E = np.ascontiguousarray(embedding, dtype=np.float32)
+        if E.ndim != 2 or not np.isfinite(E).all():
+            raise DeltaFault(f"the delta's embedding must be a finite 2-D array, got shape {E.shape}",
+                             fix="re-export the bundle with `cmc-edge export`")
+        self.E = E
+        self.mean_row = E.mean(axis=0, dtype=np.float64).astype(np.float32)             # (d,)
+        self.radius = np.empty(len(E), np.float32)                                      # (V_d,) |E_j - mean|
+        for i in range(0, len(E), 8192):                                                # no (V_d, d) temporary
+            self.radius[i:i + 8192] = np.linalg.norm(E[i:i + 8192] - self.mean_row, axis=1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.E.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.E.shape[1]
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """All delta logits. (..., d) -> (..., V_d)"""
+        return np.asarray(h, np.float32) @ self.E.T
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Input embeddings (the same tied table). (S,) -> (S, d)"""
+        return self.E[ids]
+
+
+class MappedHead:
+    """One delta head seen from one target vocabulary: target id -> delta id (``index``, ``mask``)."""
+
+    def __init__(self, head: DeltaHead, index: np.ndarray, mask: np.ndarray):
+        self.head = head
+        self.index = np.ascontiguousarray(index, dtype=np.int64)                         # (V_t,)
+        self.mask = np.ascontiguousarray(mask, dtype=bool)                              # (V_t,)
+        if self.index.shape != self.mask.shape or (self.mask & (self.index >= head.vocab_size)).any():
+            raise DeltaFault("the token map points outside the delta's vocabulary",
+                             fix="rebuild the map (`cmc-edge map`) for this bundle")
+        self.dst = np.flatnonzero(self.mask)                                            # (M,)
+        self.src = self.index[self.dst]                                                 # (M,)
+        self.bound = np.where(self.mask, head.radius[np.where(self.mask, self.index, 0)], 0).astype(np.float32)
+        self.bound_max = float(self.bound.max(initial=0.0))
+
+    def shift_full(self, h: np.ndarray, alpha: float, out: np.ndarray) -> None:
+        """``out += shift`` over the whole target vocabulary. (V_t,)"""
+        z = self.head.logits(h)                                                         # (V_d,)
+        z -= z.mean(dtype=np.float64).astype(np.float32)
+        out[self.dst] += np.float32(alpha) * z[self.src]
+
+    def shift_at(self, h: np.ndarray, alpha: float, ids: np.ndarray) -> np.ndarray:
+        """The exact shift of target tokens ``ids`` only. (n,)"""
+        rows = self.head.E[self.index[ids]]                                             # (n, d)
+        # einsum, not BLAS: no worker threads waking up beside llama.cpp's for a small product
+        z = np.einsum("ij,j->i", rows, h) - np.float32(self.mean_row_dot(h))
+        return np.where(self.mask[ids], np.float32(alpha) * z, np.float32(0.0)).astype(np.float32)
+
+    def mean_row_dot(self, h: np.ndarray) -> float:
+        return float(self.head.mean_row @ h)
+
+
+def sampler_top_k(temperature: float, top_k: int, repeat_penalty: float = 1.0) -> int | None:
+    """How many top scores llama-cpp-python's sampler chain can ever pick from (None: all of them).
+
+    Greedy reads only the maximum; top-k with k > 0 cuts to k before top-p, min-p, temperature and
+    the draw, so scores outside the top k never matter. A repeat penalty runs before the cut and
+    can reorder, so it needs everything.
+    """
+    if repeat_penalty != 1.0:
+        return None
+    if temperature == 0.0:
+        return 1
+    return top_k if top_k > 0 else None
+
+
+def add_shift_(logits: np.ndarray, parts: Sequence[tuple[MappedHead, np.ndarray, float]], *,
+               k: int | None, max_candidates: int = MAX_CANDIDATES) -> bool:
+    """Add every delta's shift to the target ``logits`` (V_t,) in place. Returns True when it took
+    the exact top-``k`` path (candidates exact, ``-inf`` elsewhere), False for the full path."""
+    V = logits.shape[0]
+    if k is not None and 0 < k < V:
+        got = _top_k_candidates(logits, parts, k, max_candidates)
+        if got is not None:
+            ids, scores = got
+            logits.fill(-np.inf)
+            logits[ids] = scores
+            return True
+    for m, h, a in parts:
+        m.shift_full(h, a, logits)
+    return False
+
+
+def _top_k_candidates(T: np.ndarray, parts, k: int, max_candidates: int):
+    """(ids, exact combined scores) of a set that provably holds the top k, or None if too large.
+
+    Two levels, so that only two passes touch the whole vocabulary: every shift sum is at most
+    ``r_max`` in size, so tokens with ``T < theta - r_max`` cannot reach ``theta`` (the *pool* test,
+    one comparison over V); the per-token bounds and exact shifts run on the pool only.
+    """
+    coef = [(m, h, a, abs(a) * float(np.linalg.norm(h)) * (1 + _REL)) for m, h, a in parts]
+    r_max = sum(c * m.bound_max for m, _, _, c in coef) + _ABS
+    theta = float(T.max()) - r_max          # <= the lower bound of T's arg-max <= the top combined score
+    for _ in range(2):                      # a second pool only when theta had to come down
+        pool = np.flatnonzero(T >= theta - r_max)                  # holds every token with ub >= theta
+        if len(pool) > MAX_POOL:
+            return None
+        if len(pool) < k:                   # peaked: start from the k-th best raw score (rare, O(V))
+            theta = float(np.partition(T, -k)[-k]) - r_max
+            continue
+        Tp = T[pool]
+        R = np.float32(_ABS)
+        for m, _, _, c in coef:
+            R = R + np.float32(c) * m.bound[pool]
+        # The k-th best lower bound: k tokens score at least that, so it is <= the k-th best score.
+        lower = Tp - R
+        kth = float(lower.max()) if k == 1 else float(np.partition(lower, -k)[-k])
+        if kth >= theta:
+            theta = kth
+            break
+        theta = kth                         # lower than the pool was cut for: cut a wider pool
+    else:
+        return None
+    ids = pool[Tp + R >= theta]
+    if len(ids) > max_candidates:
+        return None
+    scores = T[ids].astype(np.float32)
+    for m, h, a, _ in coef:
+        scores += m.shift_at(h, a, ids)
+    if not np.isfinite(scores).all():
+        raise DeltaFault("non-finite combined scores", fix="re-export the bundle; check it with `cmc-edge inspect`")
+    if np.count_nonzero(scores >= theta) < k:       # cannot happen (see above); never trust a broken proof
+        return None
+    return ids, scores

@@ -1,0 +1,141 @@
+"""The runtime's shift: full path against the reference, and the top-k path exact against the full one."""
+
+import numpy as np
+import pytest
+
+from cmc_edge.combine import combine_np, log_softmax_np, mapped_shift_np
+from cmc_edge.runtime.shift import DeltaHead, MappedHead, add_shift_, sampler_top_k
+
+
+def random_head(rng, v=300, d=16, scale=0.3):
+    return DeltaHead(rng.normal(size=(v, d)).astype(np.float32) * scale)
+
+
+def test_raw_logit_shift_gives_the_same_distribution_as_the_paper_rule():
+    """Softmax is shift-invariant: the runtime may add the shift to raw logits (no log_softmax)."""
+    rng = np.random.default_rng(1)
+    head = random_head(rng, v=50)
+    h = rng.normal(size=16).astype(np.float32)
+    t = rng.normal(size=50).astype(np.float32) * 3
+    m = MappedHead(head, np.arange(50), np.ones(50, bool))
+    runtime = t.copy()
+    add_shift_(runtime, [(m, h, 1.5)], k=None)
+    np.testing.assert_allclose(log_softmax_np(runtime), log_softmax_np(combine_np(t, head.logits(h), 1.5)), atol=1e-5)
+
+
+def test_full_shift_matches_the_reference():
+    rng = np.random.default_rng(2)
+    head = random_head(rng, v=40)
+    h = rng.normal(size=16).astype(np.float32)
+    index = rng.integers(0, 40, size=70)
+    mask = rng.random(70) < 0.8
+    ref = mapped_shift_np(head.logits(h), np.where(mask, index, 0), mask, 0.7)
+    got = np.zeros(70, np.float32)
+    MappedHead(head, np.where(mask, index, 0), mask).shift_full(h, 0.7, got)
+    assert np.all(got[~mask] == 0)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_shift_at_matches_the_full_shift():
+    rng = np.random.default_rng(3)
+    head = random_head(rng)
+    m = MappedHead(head, rng.integers(0, 300, size=500), rng.random(500) < 0.9)
+    h = rng.normal(size=16).astype(np.float32)
+    full = np.zeros(500, np.float32)
+    m.shift_full(h, -1.3, full)
+    ids = rng.choice(500, size=60, replace=False)
+    np.testing.assert_allclose(m.shift_at(h, -1.3, ids), full[ids], atol=1e-5)
+
+
+def top(scores, k):
+    order = np.argsort(-scores, kind="stable")[:k]
+    return order, scores[order]
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_top_k_path_is_exact(k):
+    """Over many random cases (flat and peaked target logits, one or two deltas, either sign of
+    alpha, strong and weak deltas): the top k from the fast path equal the full computation's,
+    ids and scores, and every other score is -inf."""
+    rng = np.random.default_rng(k)
+    fast_taken = 0
+    for case in range(150):
+        v_t = int(rng.integers(k + 1, 2000))
+        parts = []
+        for _ in range(int(rng.integers(1, 3))):
+            head = random_head(rng, v=int(rng.integers(50, 400)), scale=float(rng.choice([0.05, 0.3, 1.0])))
+            m = MappedHead(head, rng.integers(0, head.vocab_size, size=v_t), rng.random(v_t) < 0.85)
+            parts.append((m, rng.normal(size=16).astype(np.float32) * float(rng.choice([0.5, 3.0])),
+                          float(rng.choice([-1.0, 0.5, 1.0, 2.0]))))
+        t = (rng.normal(size=v_t) * float(rng.choice([0.5, 3.0, 10.0]))).astype(np.float32)
+        full, fast = t.copy(), t.copy()
+        add_shift_(full, parts, k=None)
+        took = add_shift_(fast, parts, k=k)
+        fast_taken += took
+        ids_full, s_full = top(full, k)
+        ids_fast, s_fast = top(fast, k)
+        np.testing.assert_allclose(s_fast, s_full, atol=1e-4, err_msg=f"case {case}")
+        # same set of winners (order may differ only between exactly tied scores)
+        assert set(ids_fast) == set(ids_full) or np.allclose(s_full, s_fast, atol=1e-4), f"case {case}"
+        if took:
+            finite = np.isfinite(fast)
+            assert finite.sum() >= k and np.all(np.isneginf(fast[~finite]))
+            np.testing.assert_allclose(fast[finite], full[finite], atol=1e-4)
+    assert fast_taken > 100          # the fast path is the common case, not a curiosity
+
+
+def test_too_many_candidates_falls_back_to_the_full_path():
+    rng = np.random.default_rng(4)
+    head = random_head(rng, scale=2.0)
+    m = MappedHead(head, np.arange(300), np.ones(300, bool))
+    h = rng.normal(size=16).astype(np.float32) * 3
+    t = np.zeros(300, np.float32)                     # flat: every token is a candidate
+    full, fast = t.copy(), t.copy()
+    add_shift_(full, [(m, h, 1.0)], k=None)
+    assert add_shift_(fast, [(m, h, 1.0)], k=40, max_candidates=100) is False
+    np.testing.assert_array_equal(fast, full)
+
+
+def test_sampler_top_k_rules():
+    assert sampler_top_k(0.0, 40) == 1                # greedy reads only the maximum
+    assert sampler_top_k(0.8, 40) == 40
+    assert sampler_top_k(0.8, 0) is None              # no top-k cut: top-p needs the whole distribution
+    assert sampler_top_k(0.0, 40, repeat_penalty=1.1) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_gguf, tmp_path_factory):
+    from tiny_checkpoint import make_tiny_bundle
+
+    from cmc_edge.runtime.engine import Delta, Engine
+    from cmc_edge.runtime.target import TargetLLM
+
+    target = TargetLLM(tiny_gguf, n_ctx=512, n_threads=1)
+    bundle = make_tiny_bundle(tmp_path_factory.mktemp("shift") / "bundle")
+    return Engine(target, [Delta(bundle, target, alpha=1.0), Delta(bundle, target, alpha=1.0, name="second")])
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=1.0, top_k=5, seed=3),
+                                    dict(temperature=0.7, top_k=40, top_p=0.9, seed=11)])
+def test_engine_top_k_path_generates_exactly_what_the_full_path_does(tiny_engine, monkeypatch, params):
+    """Two deltas on the tiny GGUF (another vocabulary, PM-MinED map), strong alphas: the per-step
+    proof lets the loop skip most of the output layer, and the tokens are the same as with the
+    whole vocabulary shifted."""
+    import cmc_edge.runtime.engine as engine_mod
+    from cmc_edge.runtime.engine import SamplingParams
+
+    p = SamplingParams(max_tokens=40, **params)
+    prompt = "<|im_start|>user\nThe capital of France<|im_end|>\n<|im_start|>assistant\n"
+    for alphas in ([3.0, -2.0], [1.0, 0.5]):
+        fast = tiny_engine.generate(prompt, p, alphas=alphas)
+        fast.read()
+        with monkeypatch.context() as m:
+            m.setattr(engine_mod, "sampler_top_k", lambda *a, **kw: None)
+            full = tiny_engine.generate(prompt, p, alphas=alphas)
+            full.read()
+        off = tiny_engine.generate(prompt, p, alphas=[0.0, 0.0])
+        off.read()
+        assert fast.tokens == full.tokens
+        assert full.full_shift_steps == len(full.tokens) + (full.finish_reason == "stop")
+        assert fast.full_shift_steps < full.full_shift_steps
+    assert fast.tokens != off.tokens or full.tokens != off.tokens      # the deltas do change the output
