@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from cmc_edge.combine import combine_np, log_softmax_np, mapped_shift_np
-from cmc_edge.runtime.shift import DeltaHead, MappedHead, add_shift_, sampler_top_k
+from cmc_edge.runtime.shift import DeltaHead, MappedHead, add_shift_, group_rows, sampler_top_k
 
 
-def random_head(rng, v=300, d=16, scale=0.3):
-    return DeltaHead(rng.normal(size=(v, d)).astype(np.float32) * scale)
+def random_head(rng, v=300, d=16, scale=0.3, grouped=False):
+    E = rng.normal(size=(v, d)).astype(np.float32) * scale
+    return DeltaHead(E, group_rows(E, n_groups=max(1, v // 10), iters=3) if grouped else None)
 
 
 def test_raw_logit_shift_gives_the_same_distribution_as_the_paper_rule():
@@ -63,7 +64,8 @@ def test_top_k_path_is_exact(k):
         v_t = int(rng.integers(k + 1, 2000))
         parts = []
         for _ in range(int(rng.integers(1, 3))):
-            head = random_head(rng, v=int(rng.integers(50, 400)), scale=float(rng.choice([0.05, 0.3, 1.0])))
+            head = random_head(rng, v=int(rng.integers(50, 400)), scale=float(rng.choice([0.05, 0.3, 1.0])),
+                               grouped=bool(rng.random() < 0.5))
             m = MappedHead(head, rng.integers(0, head.vocab_size, size=v_t), rng.random(v_t) < 0.85)
             parts.append((m, rng.normal(size=16).astype(np.float32) * float(rng.choice([0.5, 3.0])),
                           float(rng.choice([-1.0, 0.5, 1.0, 2.0]))))
@@ -82,6 +84,20 @@ def test_top_k_path_is_exact(k):
             assert finite.sum() >= k and np.all(np.isneginf(fast[~finite]))
             np.testing.assert_allclose(fast[finite], full[finite], atol=1e-4)
     assert fast_taken > 100          # the fast path is the common case, not a curiosity
+
+
+def test_groups_bound_every_row_and_are_tighter_than_cauchy_schwarz():
+    rng = np.random.default_rng(5)
+    E = (rng.normal(size=(2000, 16)) + rng.normal(size=(20, 16)).repeat(100, 0) * 3).astype(np.float32)  # clustered
+    plain, grouped = DeltaHead(E), DeltaHead(E, group_rows(E, n_groups=40))
+    for _ in range(20):
+        h = rng.normal(size=16).astype(np.float32)
+        zc = E @ h - plain.mean_row @ h
+        for head in (plain, grouped):
+            lo, hi = head.centred_range(h)
+            assert np.all(lo[head.labels] <= zc + 1e-4) and np.all(zc <= hi[head.labels] + 1e-4)
+        width = lambda head: float(np.mean(np.subtract(*head.centred_range(h)[::-1])[head.labels]))  # noqa: E731
+        assert width(grouped) < 0.5 * width(plain)
 
 
 def test_too_many_candidates_falls_back_to_the_full_path():

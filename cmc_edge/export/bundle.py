@@ -26,6 +26,7 @@ CHECKPOINT_VERSION = 1
 FP32_NAME = "delta.onnx"
 INT8_NAME = "delta.int8.onnx"
 EMBEDDING_NAME = "embedding.npy"
+GROUPS_NAME = "head_groups.npz"
 TOKENIZER_NAME = "tokenizer.json"
 # Copied when present; tokenizer.json alone is what the runtime reads.
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -107,6 +108,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
 
     from cmc_edge.export.onnx import DEFAULT_OPSET, embedding_table, export_onnx, validate_onnx
     from cmc_edge.export.quantize import compare_int8, quantize_int8
+    from cmc_edge.runtime.shift import group_rows
     from cmc_edge.tokenmap import read_tokenizer_json
 
     if not tolerance > 0:
@@ -125,6 +127,9 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
         spec = export_onnx(model, tmp / FP32_NAME, opset=opset)
         embedding = embedding_table(model)
         np.save(tmp / EMBEDDING_NAME, embedding, allow_pickle=False)
+        labels, centroids = group_rows(embedding)            # the runtime's tight shift bounds
+        with open(tmp / GROUPS_NAME, "wb") as fh:
+            np.savez(fh, labels=labels, centroids=centroids)
         bar.update()
         bar.set_postfix_str("validate")
         validation = validate_onnx(model, tmp / FP32_NAME, spec, embedding, tolerance=tolerance)
@@ -158,6 +163,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
             "models": models,
             "tokenizer": TOKENIZER_NAME,
             "embedding": EMBEDDING_NAME,
+            "head_groups": GROUPS_NAME,
             "files": files,
             "validation": validation,
             "created_by": f"cmc-edge {__version__}",

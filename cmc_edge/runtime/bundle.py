@@ -7,6 +7,7 @@ A bundle is ``manifest.json`` plus the files it names, each with its SHA-256::
       delta.onnx           fp32 graph with KV cache (embeddings in, final hidden state out)
       delta.int8.onnx      weights-only INT8 (optional)
       embedding.npy        the tied embedding / output layer, float32 (V, d), read without pickle
+      head_groups.npz      a k-means grouping of its rows (labels, centroids): the runtime's shift bounds
       tokenizer.json ...   the delta's tokenizer
 
 Loading checks the format and version, that every file named stays inside the bundle directory,
@@ -120,6 +121,7 @@ class Bundle:
     models: dict[str, Path]              # variant ("fp32", "int8") -> ONNX file
     tokenizer_path: Path
     embedding_path: Path
+    groups_path: Path
     onnx: OnnxSpec
     prompt_format: dict
     default_alpha: float
@@ -150,6 +152,20 @@ class Bundle:
             raise ArtifactError(f"the delta's embedding {self.embedding_path} is {E.dtype} {E.shape}, "
                                 f"the manifest declares float32 {want}", fix=_REEXPORT)
         return E
+
+    def load_groups(self):
+        """(labels (V,), centroids (B, d)) from ``head_groups.npz``; no pickle."""
+        import numpy as np
+
+        try:
+            with np.load(self.groups_path, allow_pickle=False) as z:
+                labels, centroids = z["labels"], z["centroids"]
+        except (ValueError, OSError, KeyError) as exc:
+            raise ArtifactError(f"cannot read the delta's head groups {self.groups_path}: {exc}", fix=_REEXPORT) from exc
+        if labels.shape != (self.onnx.vocab_size,) or centroids.ndim != 2 or centroids.shape[1] != self.onnx.hidden_size:
+            raise ArtifactError(f"the delta's head groups {self.groups_path} do not fit its "
+                                f"{self.onnx.vocab_size} x {self.onnx.hidden_size} embedding", fix=_REEXPORT)
+        return labels, centroids
 
 
 def _check_format(manifest: dict, where: Path) -> None:
@@ -213,6 +229,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     models = {v: _member(root, n, files, f"the {v} model") for v, n in models_entry.items()}
     tokenizer_path = _member(root, manifest.get("tokenizer"), files, "the tokenizer")
     embedding_path = _member(root, manifest.get("embedding"), files, "the embedding")
+    groups_path = _member(root, manifest.get("head_groups"), files, "the head groups")
 
     alpha = manifest.get("default_alpha")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
@@ -225,7 +242,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise ArtifactError(f"{mpath} has a malformed prompt_format", fix=_REEXPORT)
 
     bundle = Bundle(root=root.resolve(), manifest=manifest, files=files, models=models,
-                    tokenizer_path=tokenizer_path, embedding_path=embedding_path, onnx=OnnxSpec.from_dict(manifest.get("onnx")),
+                    tokenizer_path=tokenizer_path, embedding_path=embedding_path, groups_path=groups_path, onnx=OnnxSpec.from_dict(manifest.get("onnx")),
                     prompt_format=prompt_format, default_alpha=float(alpha), delta_vocab_hash=vocab_hash)
     log.debug("loaded delta bundle %s (%s)", root, ", ".join(sorted(models)))
     return bundle

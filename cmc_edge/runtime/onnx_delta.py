@@ -43,7 +43,8 @@ class OnnxDelta:
     def __init__(self, bundle: Bundle, variant: Literal["fp32", "int8"] = "fp32",
                  providers: list[str] | None = None, threads: int = 1, head: DeltaHead | None = None):
         path = bundle.model_path(variant)
-        self._setup(path, bundle.onnx, head or DeltaHead(bundle.load_embedding()), providers, threads)
+        head = head or DeltaHead(bundle.load_embedding(), bundle.load_groups())
+        self._setup(path, bundle.onnx, head, providers, threads)
 
     @classmethod
     def from_file(cls, onnx_path: str | Path, spec: OnnxSpec, head: DeltaHead, *,
