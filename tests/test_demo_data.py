@@ -228,3 +228,17 @@ def test_known_by_intersects_and_rejects_unknown_models():
     assert both == sorted(both)
     with pytest.raises(InputError):
         dd.known_by("llama")
+
+
+def test_demo_chart_is_written(tmp_path):
+    """The chart the README shows: one panel per model, filter off/on per split."""
+    from cmc_edge.eval.demo import plot_demo
+
+    def cond(f, r, u, ppl):
+        return {"forget": {"recall": f}, "retain": {"recall": r}, "unrelated": {"recall": u}, "perplexity": ppl}
+
+    result = {"models": [{"model": m, "base": cond(0.6, 0.7, 0.65, 30.0), "filtered": cond(0.05, 0.7, 0.6, 30.1)}
+                         for m in ("smollm2", "gemma3")]}
+    out = plot_demo(result, tmp_path / "chart.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]            # no temporary file left

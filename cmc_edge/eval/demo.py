@@ -44,6 +44,7 @@ class DemoConfig:
     lr: float = 2e-3
     batch_size: int = 16
     broad_tokens: int = 48
+    avoid_in_retain: bool = True
     models: tuple[str, ...] = ("smollm2", "gemma3")
     train_overrides: dict = field(default_factory=dict)
 
@@ -74,7 +75,12 @@ def build_data(cfg: DemoConfig, template_path, run_dir: Path) -> dict:
     log.info("template answered %d broad prompts in %.1fs", len(broad), time.perf_counter() - t0)
     forget = [{"prompt": e["prompt"], "response": e["response"],
                "avoid": list(dd.country_by_name(e["country"]).capital)} for e in train if e["tag"] == "forget"]
-    retain = [{"prompt": e["prompt"], "response": e["response"]} for e in train if e["tag"] == "retain"]
+    # Other facts about a forgotten country stay (KL to the template), and its capital is avoided
+    # there too: the filter learns "never this city around this country", not "refuse these wordings".
+    retain = [{"prompt": e["prompt"], "response": e["response"],
+               **({"avoid": list(dd.country_by_name(e["country"]).capital)}
+                  if cfg.avoid_in_retain and e["country"] in split["forget"] else {})}
+              for e in train if e["tag"] == "retain"]
     retain += [{"prompt": p, "response": a} for p, a in zip(broad, answers) if a]
     for name, rows in (("forget", forget), ("retain", retain)):
         (run_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -195,6 +201,35 @@ def run_demo(cfg: DemoConfig) -> dict:
               "eval_items": len(data["items"]), "models": rows, "timings": timings, "table": table,
               "bundle": str(bundle)}
     (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    plot_demo(result, run_dir / "results.png")
     print(table)
     print(f"\nrun directory: {run_dir}  (total {timings['total_s'] / 60:.1f} min)")
     return result
+
+
+def plot_demo(result: dict, path: str | Path) -> Path:
+    """Recall per split, filter off vs on, one panel per model (the chart the README shows). PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cmc_edge.eval.evaluate import save_png
+
+    splits = ("forget", "retain", "unrelated")
+    rows = result["models"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.4 * len(rows), 3.3), squeeze=False, sharey=True)
+    for ax, row in zip(axes[0], rows):
+        x = range(len(splits))
+        for off, (cond, label, color) in enumerate((("base", "filter off", "#999999"), ("filtered", "filter on", "#d9534f"))):
+            ys = [100 * row[cond][s]["recall"] for s in splits]
+            bars = ax.bar([i + (off - 0.5) * 0.38 for i in x], ys, width=0.38, label=label, color=color)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ppl = f"ppl {row['base']['perplexity']:.1f} -> {row['filtered']['perplexity']:.1f}"
+        ax.set_title(f"{row['model']}  ({ppl})", fontsize=9)
+        ax.set_xticks(list(x), [f"{s}\nrecall" for s in splits], fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("% of held-out questions answered")
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    return save_png(fig, path)

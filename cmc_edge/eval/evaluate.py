@@ -146,8 +146,6 @@ def plot_eval(result: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cmc_edge.artifacts import atomic_path
-
     metrics = [("recall", "recall"), ("rouge_l_recall", "ROUGE-L recall"), ("reference_nll", "reference NLL / token")]
     rows = result["rows"]
     splits = sorted({s for r in rows for s in r["splits"]})
@@ -170,6 +168,15 @@ def plot_eval(result: dict, path: str | Path) -> Path:
         ax.set_xlabel("alpha")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    from cmc_edge.artifacts import atomic_path
+
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
