@@ -242,7 +242,8 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise ArtifactError(f"{mpath} has a malformed prompt_format", fix=_REEXPORT)
 
     bundle = Bundle(root=root.resolve(), manifest=manifest, files=files, models=models,
-                    tokenizer_path=tokenizer_path, embedding_path=embedding_path, groups_path=groups_path, onnx=OnnxSpec.from_dict(manifest.get("onnx")),
+                    tokenizer_path=tokenizer_path, embedding_path=embedding_path, groups_path=groups_path,
+                    onnx=OnnxSpec.from_dict(manifest.get("onnx")),
                     prompt_format=prompt_format, default_alpha=float(alpha), delta_vocab_hash=vocab_hash)
     log.debug("loaded delta bundle %s (%s)", root, ", ".join(sorted(models)))
     return bundle

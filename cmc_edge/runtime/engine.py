@@ -4,8 +4,8 @@ The loop is llama-cpp-python's own (``Llama.eval`` + the same llama.cpp sampler 
 ``create_completion`` builds), with one change: before each sample, the mapped delta shift is
 added straight into llama.cpp's logits buffer for the last position. When the sampler only reads
 the top k scores (greedy, top-k), the shift is computed only for the target tokens that can
-still reach the top k (:mod:`cmc_edge.runtime.shift`: exact, with a proof per step). Because the loop is ours
-and not a ctypes callback, an error in the delta path propagates: generation stops and the
+still reach the top k (:mod:`cmc_edge.runtime.shift`: exact, with a proof per step). Because
+the loop is ours and not a ctypes callback, an error in the delta path propagates: generation stops and the
 caller gets :class:`~cmc_edge.errors.DeltaFault`; no token sampled without the filter is emitted.
 
 The delta's step for token t runs in a worker thread while llama.cpp decodes token t (both
