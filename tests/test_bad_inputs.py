@@ -194,6 +194,13 @@ def embedding_wrong_shape(env):
     return env.gen(delta=b)
 
 
+def head_groups_corrupt(env):
+    b = env.bundle()
+    (b / "head_groups.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    rewrite_manifest(b)
+    return env.gen(delta=b)
+
+
 def embedding_is_a_pickle(env):
     """An object array in the .npy: loading it would unpickle; it is refused instead."""
     b = env.bundle()
@@ -406,6 +413,7 @@ CASES = [
     case("bundle-newer-format", bundle_from_the_future, "format version 3", "upgrade cmc-edge"),
     case("bundle-old-format", bundle_of_format_1, "format version 1, no longer supported", "cmc-edge export"),
     case("embedding-wrong-shape", embedding_wrong_shape, "the manifest declares float32 (300, 32)", "re-export"),
+    case("head-groups-corrupt", head_groups_corrupt, "cannot read the delta's head groups", "re-export"),
     case("embedding-is-a-pickle", embedding_is_a_pickle, "cannot read the delta's embedding", "re-export"),
     case("checkpoint-as-bundle", checkpoint_as_bundle, "not a delta bundle", "training checkpoint; export it"),
     case("delta-vocab-hash-mismatch", tokenizer_swapped, "does not match its manifest's vocabulary hash", "re-export"),

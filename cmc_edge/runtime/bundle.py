@@ -155,12 +155,14 @@ class Bundle:
 
     def load_groups(self):
         """(labels (V,), centroids (B, d)) from ``head_groups.npz``; no pickle."""
+        import zipfile
+
         import numpy as np
 
         try:
             with np.load(self.groups_path, allow_pickle=False) as z:
                 labels, centroids = z["labels"], z["centroids"]
-        except (ValueError, OSError, KeyError) as exc:
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
             raise ArtifactError(f"cannot read the delta's head groups {self.groups_path}: {exc}", fix=_REEXPORT) from exc
         if labels.shape != (self.onnx.vocab_size,) or centroids.ndim != 2 or centroids.shape[1] != self.onnx.hidden_size:
             raise ArtifactError(f"the delta's head groups {self.groups_path} do not fit its "
