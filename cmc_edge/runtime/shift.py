@@ -9,10 +9,12 @@ tied embedding ``E`` (V_d, d), and the shift CMC adds to target token ``t`` is::
 Computing all of ``z`` reads the whole of ``E`` every step (12.6M floats for a 49k vocabulary):
 more memory traffic than the delta's transformer layers, and on a CPU that traffic competes with
 llama.cpp's own. A sampler that only looks at the top ``k`` scores (greedy: k = 1; top-k) does not
-need it. With ``r_j = |E_j - mean_row(E)|``, Cauchy-Schwarz bounds every shift:
-``|s_t| <= |alpha| * |h| * r_{src_t} =: R_t``. So
+need it. The export groups the centred rows ``E_j - mean_row(E)`` (k-means, centroid ``c_b``,
+radius ``rho_b``), so every shift of a row in group ``b`` lies in
+``alpha * (c_b.h -+ rho_b |h|)`` (Cauchy-Schwarz on the row's offset from its centroid; without
+groups each row is its own group with centroid 0). So, with ``lo``/``hi`` the group's range,
 
-    lb_t = T_t - R_t  <=  T_t + s_t  <=  T_t + R_t = ub_t
+    lb_t = T_t + lo_t  <=  T_t + s_t  <=  T_t + hi_t = ub_t
 
 and with ``theta`` at most the k-th largest combined score, every token with ``ub_t < theta`` is
 provably outside the top k. :func:`add_shift_` computes the exact shift only for the candidates
@@ -37,12 +39,13 @@ from typing import Sequence
 
 import numpy as np
 
+from cmc_edge.combine import centred_np
 from cmc_edge.errors import DeltaFault
 
 # Past this many candidates (rows of E gathered) the full computation is about as cheap; use it.
 MAX_CANDIDATES = 16384
-# Tokens within reach of the top by the coarse (largest-radius) bound, past which the per-token
-# bounds cost as much as the full path.
+# Tokens within reach of the top by the coarse (widest-group) bound, past which the pool test is
+# skipped and every token gets its group's bound directly.
 MAX_POOL = 65536
 # Slack for float32 rounding in the bound (relative, absolute).
 _REL, _ABS = 1e-5, 1e-4
@@ -139,8 +142,7 @@ class MappedHead:
 
     def shift_full(self, h: np.ndarray, alpha: float, out: np.ndarray) -> None:
         """``out += shift`` over the whole target vocabulary. (V_t,)"""
-        z = self.head.logits(h)                                                         # (V_d,)
-        z -= z.mean(dtype=np.float64).astype(np.float32)
+        z = centred_np(self.head.logits(h))                                             # (V_d,)
         out[self.dst] += np.float32(alpha) * z[self.src]
 
     def shift_at(self, h: np.ndarray, alpha: float, ids: np.ndarray) -> np.ndarray:
