@@ -137,7 +137,7 @@ def cmd_export(args) -> int:
     from cmc_edge.export import export_bundle
 
     out = export_bundle(args.checkpoint, args.out, int8=not args.no_int8, tolerance=args.tolerance,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, graph=args.graph)
     print(f"delta bundle: {out}")
     return 0
 
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--no-int8", action="store_true")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX - PyTorch| accepted")
+    p.add_argument("--graph", choices=["auto", "fused", "torch"], default="auto",
+                   help="graph writer: onnxruntime's fused operators, or torch.onnx.export (auto: fused where it "
+                        "covers the delta)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("map", help="build (or show) the PM-MinED token map from a GGUF to a delta")

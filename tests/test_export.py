@@ -42,9 +42,17 @@ def torch_logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0].numpy()           # (N, V)
 
 
+@pytest.fixture(scope="module")
+def torch_graph_bundle(checkpoint, tmp_path_factory):
+    return export_bundle(checkpoint, tmp_path_factory.mktemp("out") / "bundle", tolerance=TOL, int8=False,
+                         graph="torch")
+
+
+@pytest.mark.parametrize("graph", ["fused", "torch"])
 @pytest.mark.parametrize("chunks", [(7,), (7, 1), (7, 3), (7, 1, 3, 1, 1), (1, 1, 2)])
-def test_onnx_matches_pytorch_prefill_and_incremental(bundle_dir, torch_model, chunks):
-    b = load_bundle(bundle_dir)
+def test_onnx_matches_pytorch_prefill_and_incremental(bundle_dir, torch_graph_bundle, torch_model, chunks, graph):
+    b = load_bundle(bundle_dir if graph == "fused" else torch_graph_bundle)
+    assert b.manifest["onnx"]["graph"] == graph
     ids = [int(i) for i in np.random.default_rng(5).integers(0, b.onnx.vocab_size, sum(chunks))]
     ref = torch_logits(torch_model, ids)
     assert ref.std() > 0.05                          # the tiny delta is not the all-zero no-op
@@ -199,3 +207,55 @@ def test_int8_check_names_the_shift_error(bundle_dir):
         compare_int8(b.model_path("fp32"), b.model_path("int8"), b.onnx, b.load_embedding(), max_shift_error=1e-9)
     assert "changes the delta's shift by up to" in info.value.problem and "--no-int8" in info.value.fix
     assert info.value.max_abs_diff > 1e-9
+
+
+def random_llama(**overrides):
+    """A small HF Llama with every weight random, the RMSNorm gains included (all ones would hide
+    a norm applied in the wrong place)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+              intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=True, rope_theta=500.0)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(**{**kw, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def test_fused_graph_matches_pytorch_with_every_weight_random(tmp_path):
+    import onnx
+
+    from cmc_edge.export.onnx import embedding_table, export_onnx, validate_onnx
+
+    model = random_llama()
+    for graph in ("fused", "torch"):
+        spec = export_onnx(model, tmp_path / f"{graph}.onnx", graph=graph)
+        res = validate_onnx(model, tmp_path / f"{graph}.onnx", spec, embedding_table(model), tolerance=TOL,
+                            chunks=(5, 1, 1, 4, 1, 9))
+        assert res["max_abs_diff"] < TOL
+    fused = [n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node]
+    traced = onnx.load(tmp_path / "torch.onnx").graph.node
+    assert fused.count("MultiHeadAttention") == 3 and fused.count("SkipSimplifiedLayerNormalization") == 2 * 3
+    assert len(fused) <= 15 * 3 + 2 < len(traced) / 3       # what the fused writer is for
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    ({"num_key_value_heads": 2}, "grouped key/value heads"),
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ({"attention_bias": True}, "biases"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
+])
+def test_models_the_fused_graph_does_not_cover_export_through_torch(tmp_path, overrides, reason):
+    from cmc_edge.export.onnx import choose_graph, embedding_table, export_onnx, validate_onnx
+
+    model = random_llama(**overrides)
+    assert choose_graph(model.config, "auto") == "torch"
+    with pytest.raises(InputError, match=reason) as e:
+        choose_graph(model.config, "fused")
+    assert "--graph torch" in e.value.fix
+    spec = export_onnx(model, tmp_path / "d.onnx")          # auto: falls back, still exact
+    assert validate_onnx(model, tmp_path / "d.onnx", spec, embedding_table(model), tolerance=TOL)["max_abs_diff"] < TOL

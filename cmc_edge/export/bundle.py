@@ -95,18 +95,19 @@ def _versions() -> dict:
 
 
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool = True, opset: int | None = None,
-                  tolerance: float = 1e-4, overwrite: bool = False) -> Path:
+                  tolerance: float = 1e-4, overwrite: bool = False, graph: str = "auto") -> Path:
     """Export the delta checkpoint at ``checkpoint_dir`` to a bundle at ``out_dir``; return ``out_dir``.
 
     Raises :class:`cmc_edge.errors.ExportValidationError` (with ``max_abs_diff``) when the fp32 graph
     differs from PyTorch by more than ``tolerance``, or the INT8 graph fails its agreement check.
+    ``graph`` picks the graph writer (:func:`cmc_edge.export.onnx.export_onnx`).
     """
     from tqdm.auto import tqdm
 
     from cmc_edge import __version__
     import numpy as np
 
-    from cmc_edge.export.onnx import DEFAULT_OPSET, embedding_table, export_onnx, validate_onnx
+    from cmc_edge.export.onnx import DEFAULT_OPSET, choose_graph, embedding_table, export_onnx, validate_onnx
     from cmc_edge.export.quantize import compare_int8, quantize_int8
     from cmc_edge.runtime.shift import group_rows
     from cmc_edge.tokenmap import read_tokenizer_json
@@ -124,7 +125,8 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
             tqdm(total=5 if int8 else 3, desc="export", unit="stage") as bar:
         bar.set_postfix_str("ONNX")
         model = load_delta_model(ckpt)
-        spec = export_onnx(model, tmp / FP32_NAME, opset=opset)
+        graph = choose_graph(model.config, graph)
+        spec = export_onnx(model, tmp / FP32_NAME, opset=opset, graph=graph)
         embedding = embedding_table(model)
         np.save(tmp / EMBEDDING_NAME, embedding, allow_pickle=False)
         labels, centroids = group_rows(embedding)            # the runtime's tight shift bounds
@@ -159,7 +161,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
             "template": ckpt.meta["template"],
             "delta_vocab_hash": vocab.hash,
             "delta_config": ckpt.meta["delta_config"],
-            "onnx": {**spec.to_dict(), "opset": opset},
+            "onnx": {**spec.to_dict(), "opset": opset, "graph": graph},
             "models": models,
             "tokenizer": TOKENIZER_NAME,
             "embedding": EMBEDDING_NAME,

@@ -14,6 +14,11 @@ lookup ``E[ids]`` before the graph and the output layer ``z = E @ h`` after it
 16M parameters for the 15m preset over a 49k vocabulary); outside the graph the runtime computes it
 only for the target tokens the sampler can still pick, and the table is held in memory once.
 
+Two writers produce this interface: :mod:`cmc_edge.export.fused` writes the delta's layers with
+onnxruntime's fused operators (the default wherever it covers the model: a quarter of the nodes,
+a faster step), and ``torch.onnx.export`` traces any HF causal LM (below). Both are validated the
+same way.
+
 How the cache gets through ``torch.export``: :class:`KVCacheWrapper` takes the past as plain
 tensors, builds a ``transformers.DynamicCache`` *inside* the traced function, calls the HF
 model's public ``forward`` and returns the updated layers' tensors. The cache object never
@@ -36,17 +41,18 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
-from cmc_edge.errors import ExportValidationError
+from cmc_edge.errors import ExportValidationError, InputError
 from cmc_edge.runtime.bundle import OnnxSpec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
+Graph = Literal["auto", "fused", "torch"]
 # Prefill of 7, then incremental steps of 1, 3 and 1 tokens (P = 7, 8, 11).
 VALIDATION_CHUNKS = (7, 1, 3, 1)
 
@@ -88,9 +94,32 @@ class KVCacheWrapper(torch.nn.Module):
         return (out.last_hidden_state.float(), *present)               # (1, S, d), ...
 
 
-def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET) -> OnnxSpec:
-    """Export ``model`` (an HF causal LM, eval mode, fp32) to a single-file ONNX graph at ``path``."""
+def choose_graph(config, graph: Graph = "auto") -> Literal["fused", "torch"]:
+    """Which writer exports this model: ``auto`` is the fused graph wherever it covers the model."""
+    from cmc_edge.export.fused import unsupported
+
+    if graph not in ("auto", "fused", "torch"):
+        raise InputError(f"unknown graph writer {graph!r}", fix="use --graph auto, fused or torch")
+    why = unsupported(config) if graph != "torch" else None
+    if graph == "fused" and why:
+        raise InputError(f"the fused graph does not cover this delta ({why})", fix="export with --graph torch")
+    if graph == "auto" and why:
+        log.info("fused graph not available (%s): exporting with torch.onnx.export", why)
+    return "torch" if graph == "torch" or why else "fused"
+
+
+def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, graph: Graph = "auto") -> OnnxSpec:
+    """Export ``model`` (an HF causal LM, eval mode, fp32) to a single-file ONNX graph at ``path``.
+
+    ``graph``: ``fused`` writes onnxruntime's fused operators (:mod:`cmc_edge.export.fused`),
+    ``torch`` traces the model with ``torch.onnx.export``, ``auto`` the first that covers it."""
     spec = onnx_spec(model.config)
+    if choose_graph(model.config, graph) == "fused":
+        from cmc_edge.export.fused import write_fused_graph
+
+        log.info("writing %d-layer delta as a fused ONNX graph (opset %d)", spec.num_layers, opset)
+        write_fused_graph(model, path, spec, opset=opset)
+        return spec
     wrapper = KVCacheWrapper(model).eval()
     P, S = 4, 3
     past = [torch.zeros(1, spec.num_kv_heads, P, spec.head_dim) for _ in spec.past_names]      # (1, H, P, Dh)

@@ -38,6 +38,7 @@ DEFAULT_MAX_SHIFT_ERROR = 0.5
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> Path:
     """Pre-process then dynamically quantize ``fp32_path``'s weights to INT8 at ``out_path``."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -45,8 +46,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".preprocess.", dir=out_path.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
+        # DefaultTensorType: the fused graph's contrib operators have no ONNX shape inference, so
+        # the quantizer cannot type the tensors after them itself; they are all float32.
         quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8, per_channel=False,
-                         extra_options={"MatMulConstBOnly": True})
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     log.info("wrote INT8 graph %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
     return out_path
 
