@@ -138,7 +138,8 @@ class MappedHead:
         self.dst = np.flatnonzero(self.mask)                                            # (M,)
         self.src = self.index[self.dst]                                                 # (M,)
         # each target token's group; unmapped tokens point at an extra group whose shift is exactly 0
-        self.tlabel = np.where(self.mask, head.labels[np.where(self.mask, self.index, 0)], head.n_groups)
+        self.tlabel = np.where(self.mask, head.labels[np.where(self.mask, self.index, 0)],
+                               head.n_groups).astype(np.int32)                          # (V_t,)
 
     def shift_full(self, h: np.ndarray, alpha: float, out: np.ndarray) -> None:
         """``out += shift`` over the whole target vocabulary. (V_t,)"""
@@ -223,13 +224,19 @@ def _top_k_candidates(T: np.ndarray, parts, k: int, max_candidates: int):
 
     Two levels, so that only two passes touch the whole vocabulary: every shift sum lies in
     ``[s_lo, s_hi]``, so tokens with ``T < theta - s_hi`` cannot reach ``theta`` (the *pool* test,
-    one comparison over V); the per-group bounds and exact shifts run on the pool only.
+    one comparison over V); the per-group bounds run on the pool only. The exact shifts then run
+    on the candidates best upper bound first, in growing chunks, and stop once k exact scores beat
+    every bound still unread (a strong shift can leave thousands of candidates of which a few
+    dozen decide).
     """
     ranges = [(m, *m.shift_range(h, a)) for m, h, a in parts]
     s_lo = sum(float(lo.min()) for _, lo, _ in ranges)      # every token's shift sum lies in [s_lo, s_hi]
     s_hi = sum(float(hi.max()) for _, _, hi in ranges)
-    top = int(T.argmax())                   # its lower bound is <= the top combined score
-    theta = float(T[top]) + sum(float(lo[m.tlabel[top]]) for m, lo, _ in ranges)
+    top = int(T.argmax())
+    if k == 1:                              # the raw best token's exact score: one token reaches it
+        theta = float(_exact(T, parts, np.array([top]))[0])
+    else:                                   # its lower bound is <= the top combined score
+        theta = float(T[top]) + sum(float(lo[m.tlabel[top]]) for m, lo, _ in ranges)
     for _ in range(2):                      # a second pool only when theta had to come down
         pool = np.flatnonzero(T >= theta - s_hi)                   # holds every token with ub >= theta
         if len(pool) > MAX_POOL:            # a far-reaching shift somewhere: bound every token instead
@@ -245,20 +252,39 @@ def _top_k_candidates(T: np.ndarray, parts, k: int, max_candidates: int):
             upper += hi[g]
         # The k-th best lower bound: k tokens score at least that, so it is <= the k-th best score.
         kth = float(lower.max()) if k == 1 else float(np.partition(lower, -k)[-k])
-        if kth >= theta:
-            theta = kth
+        if k == 1 or kth >= theta:          # (for k = 1 theta is already a score some token reaches)
+            theta = max(theta, kth)
             break
         theta = kth                         # lower than the pool was cut for: cut a wider pool
     else:
         return None
-    ids = pool[upper >= theta]
+    keep = upper >= theta
+    ids, bound = pool[keep], upper[keep]
     if len(ids) > max_candidates:
         return None
+    order = np.argsort(-bound, kind="stable")
+    done, chunk, got = 0, max(4 * k, 32), []
+    while done < len(ids):                  # exact scores, best bounds first
+        take = order[done:done + chunk]
+        got.append((ids[take], _exact(T, parts, ids[take])))
+        done, chunk = done + len(take), 2 * chunk
+        scores = np.concatenate([sc for _, sc in got])
+        if done < len(ids) and len(scores) >= k:
+            kth_exact = float(scores.max()) if k == 1 else float(np.partition(scores, -k)[-k])
+            if kth_exact > bound[order[done]]:      # every unread token scores below k read ones
+                break
+    ids = np.concatenate([i for i, _ in got])
+    scores = np.concatenate([sc for _, sc in got])
+    if np.count_nonzero(scores >= theta) < k:       # cannot happen (see above); never trust a broken proof
+        return None
+    return ids, scores
+
+
+def _exact(T: np.ndarray, parts, ids: np.ndarray) -> np.ndarray:
+    """Exact combined scores of target tokens ``ids``. (n,)"""
     scores = T[ids].astype(np.float32)
     for m, h, a in parts:
         scores += m.shift_at(h, a, ids)
     if not np.isfinite(scores).all():
         raise DeltaFault("non-finite combined scores", fix="re-export the bundle; check it with `cmc-edge inspect`")
-    if np.count_nonzero(scores >= theta) < k:       # cannot happen (see above); never trust a broken proof
-        return None
-    return ids, scores
+    return scores
