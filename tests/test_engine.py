@@ -88,3 +88,14 @@ def test_score_reply_at_alpha_zero_is_the_models_own_log_likelihood(tiny_gguf):
     ref = [-log_softmax_np(scores[len(ptoks) - 1 + i])[t] for i, t in enumerate(rtoks)]
     assert ours.shape == (len(rtoks),)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cores, llama_threads, overlap", [(2, 2, False), (2, 1, True), (8, 4, True), (1, None, False)])
+def test_the_delta_step_overlaps_only_with_a_spare_core(tiny_gguf, monkeypatch, cores, llama_threads, overlap):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    target = TargetLLM(tiny_gguf, n_ctx=64, n_threads=1)
+    monkeypatch.setattr(target.llm, "n_threads", llama_threads)
+    assert Engine(target).overlap is overlap
+    assert Engine(target, overlap=not overlap).overlap is (not overlap)      # an explicit choice wins

@@ -56,14 +56,16 @@ class FaultyDelta:
         return DeltaTracker(self.session, lambda s: [ord(c) % 200 for c in s], [1, 2, 3])
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
 @pytest.mark.parametrize("mode", ["raise", "nan"])
-def test_engine_stops_at_the_fault(tiny_gguf, mode):
+def test_engine_stops_at_the_fault(tiny_gguf, mode, overlap):
     target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
     plain = Engine(target).generate(PROMPT, SamplingParams(max_tokens=20, temperature=1.0, seed=5))
     plain_text = plain.read()
     assert len(plain.tokens) > 6
     delta = FaultyDelta(target.n_vocab, ok_calls=4, mode=mode)  # prompt + 3 generated tokens succeed
-    gen = Engine(target, [delta]).generate(PROMPT, SamplingParams(max_tokens=20, temperature=1.0, seed=5))
+    gen = Engine(target, [delta], overlap=overlap).generate(PROMPT, SamplingParams(max_tokens=20, temperature=1.0,
+                                                                                   seed=5))
     got = []
     with pytest.raises(DeltaFault):
         for chunk in gen:

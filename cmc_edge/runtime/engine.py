@@ -8,8 +8,12 @@ still reach the top k (:mod:`cmc_edge.runtime.shift`: exact, with a proof per st
 the loop is ours and not a ctypes callback, an error in the delta path propagates: generation stops and the
 caller gets :class:`~cmc_edge.errors.DeltaFault`; no token sampled without the filter is emitted.
 
-The delta's step for token t runs in a worker thread while llama.cpp decodes token t (both
-release the GIL), so its cost mostly hides behind the LLM's.
+Where the machine has a core to spare beyond llama.cpp's threads, the delta's step for token t
+runs in a worker thread while llama.cpp decodes token t (both release the GIL), so its cost
+hides behind the LLM's. Where it has not, the step runs between llama.cpp's: a third thread on
+two cores preempts one of llama.cpp's, and its partner then waits at the next barrier (measured on
+2 cores, 4 alternating runs: serial 72.7 / 82.6 tok/s against overlapped 71.2 / 78.3 for SmolLM2
+with the fp32 / INT8 delta).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import codecs
 import dataclasses
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +64,15 @@ class SamplingParams:
             raise InputError("top_k must be >= 0 and min_p in [0, 1]", fix="e.g. --top-k 40 --min-p 0.05")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InputError("stop sequences must be non-empty strings", fix="drop empty stop strings")
+
+
+def spare_cores(llama_threads: int | None) -> int:
+    """Cores this process may use beyond llama.cpp's decode threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                   # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, cores - (llama_threads or cores))
 
 
 def check_alpha(alpha: float) -> float:
@@ -175,9 +189,11 @@ class Generation:
 class Engine:
     """A target LLM plus any number of deltas (each with its own alpha and token map)."""
 
-    def __init__(self, target, deltas: Sequence[Delta] = (), *, overlap: bool = True):
+    def __init__(self, target, deltas: Sequence[Delta] = (), *, overlap: bool | None = None):
         self.target = target
         self.deltas = list(deltas)
+        if overlap is None:                  # a core free beside llama.cpp's threads
+            overlap = spare_cores(getattr(target.llm, "n_threads", None)) > 0
         self.overlap = overlap
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmc-delta") if overlap else None
 
