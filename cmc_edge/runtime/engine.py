@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from cmc_edge.combine import log_softmax_np
 from cmc_edge.errors import CmcError, DeltaFault, GenerationTimeout, InputError
 from cmc_edge.prompt import PromptFormat, render_prompt
 from cmc_edge.runtime.shift import MappedHead, add_shift_, sampler_top_k
-from cmc_edge.runtime.sync import DeltaTracker
+from cmc_edge.runtime.sync import DeltaTracker, TailEncoder
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class Delta:
         self.alpha = check_alpha(self.bundle.default_alpha if alpha is None else alpha)
         self.prompt_format = PromptFormat.from_dict(self.bundle.prompt_format or {})
         self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
+        self.tail_encoding = TailEncoder.applies(json.loads(self.bundle.tokenizer_path.read_text(encoding="utf-8")))
         delta_vocab = read_tokenizer_json(self.bundle.tokenizer_path)
         if delta_vocab.hash != self.bundle.delta_vocab_hash:
             raise CmcError(f"the tokenizer in {bundle_path} does not match its manifest's vocabulary hash",
@@ -121,7 +123,8 @@ class Delta:
 
     def tracker(self, prompt_text: str) -> DeltaTracker:
         self.session.reset()
-        return DeltaTracker(self.session, self.encode, self.encode(prompt_text))
+        tail = TailEncoder(self.tokenizer) if self.tail_encoding else None
+        return DeltaTracker(self.session, self.encode, self.encode(prompt_text), tail=tail)
 
 
 class TextStream:
