@@ -258,6 +258,15 @@ def export_tolerance_zero(env):
     return ["export", str(env.pristine_ckpt), "--out", str(env.tmp / "out"), "--tolerance", "0"]
 
 
+def export_fused_not_covered(env):
+    """--graph fused for a delta the fused writer does not cover (another activation)."""
+    ckpt = env.ckpt()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["hidden_act"] = "gelu"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ["export", str(ckpt), "--out", str(env.tmp / "out"), "--graph", "fused"]
+
+
 def export_disk_full(env):
     import cmc_edge.export.onnx as export_onnx
 
@@ -426,6 +435,8 @@ CASES = [
     case("export-other-template-tokenizer", export_mismatched_tokenizer, "the tokenizer has 350 tokens",
          "cmc-edge train"),
     case("export-tolerance-zero", export_tolerance_zero, "tolerance must be positive", "--tolerance"),
+    case("export-fused-graph-not-covering-the-delta", export_fused_not_covered, "activation 'gelu'",
+         "--graph torch"),
     case("export-disk-full", export_disk_full, "disk is full", "free space"),
     case("export-disk-full-before-any-data", export_no_space_for_temp_dir, "disk is full", "free space"),
     case("overwrite-disk-full-keeps-old", overwrite_disk_full, "disk is full", "free space"),

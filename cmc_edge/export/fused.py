@@ -15,7 +15,9 @@ onnxruntime's contrib operators, 14 nodes a layer::
 The interface is exactly the exporter's (:class:`cmc_edge.runtime.bundle.OnnxSpec`), so the runtime
 does not know which writer made a bundle, and the export is validated against PyTorch the same way.
 ``MultiHeadAttention`` and ``RotaryEmbedding`` rather than ``GroupQueryAttention``: onnxruntime's
-CUDA provider has float32 kernels for the first two and none for the third.
+CUDA provider registers float32 kernels for the first two and only half-precision ones for the
+third. (Validated on CPU; the CUDA path has not been run here. A kernel that fails there raises,
+and the decode loop stops with a DeltaFault.)
 
 It covers the delta architecture ``cmc-edge train`` builds (Llama: RMSNorm, SiLU MLP, default
 RoPE, no biases, as many key/value heads as query heads); :func:`unsupported` says why another
