@@ -78,8 +78,10 @@ class TailEncoder:
     The tests check the claim against whole-text encoding, character by character, on numbers,
     whitespace runs, contractions, code, CJK and emoji.
 
-    >>> from tokenizers import Tokenizer, models, pre_tokenizers         # doctest: +SKIP
-    >>> te = TailEncoder(tok); te.encode("Hello wor"), te.encode("Hello world!")  # doctest: +SKIP
+    >>> te = TailEncoder(Tokenizer.from_file("bundle/tokenizer.json"))       # doctest: +SKIP
+    >>> ids = te.encode("One day, a sailor came to the lighthouse")          # doctest: +SKIP
+    >>> te.settled_text                     # all but the last 3 pre-tokens  # doctest: +SKIP
+    'One day, a sailor came'
     """
 
     KEEP = 3
