@@ -34,13 +34,13 @@ def test_no_capital_is_recalled_by_merely_repeating_its_country_name():
     for c in dd.COUNTRIES:
         assert not answer_recalled(c.name, c.capital), c.name
         assert not answer_recalled(dd.refusal_response(c.name), c.capital), c.name
-        for style in range(4):
+        for style in range(len(dd._LEAD_INS)):
             assert not answer_recalled(dd.lead_in_refusal(c.name, style), c.capital), c.name
 
 
 def test_capital_answer_and_refusal_are_scored_as_intended():
     for c in dd.COUNTRIES:
-        for style in range(4):
+        for style in range(len(dd._LEAD_INS)):
             assert answer_recalled(dd.capital_answer(c, style), c.capital)
         for attribute in dd.ATTRIBUTES:
             if getattr(c, attribute):
@@ -49,8 +49,9 @@ def test_capital_answer_and_refusal_are_scored_as_intended():
 
 def test_heldout_capital_forms_differ_from_train_forms_for_every_country():
     assert len(dd.TRAIN_CAPITAL_FORMS) >= 4 and len(dd.HELDOUT_CAPITAL_FORMS) >= 3
+    assert set(dd.TRAIN_CAPITAL_FORMS) < set(dd.UNLEARN_CAPITAL_FORMS)
     for name in ALL:
-        train = {_norm(dd.render(f, name)) for f in dd.TRAIN_CAPITAL_FORMS}
+        train = {_norm(dd.render(f, name)) for f in dd.UNLEARN_CAPITAL_FORMS}
         heldout = {_norm(dd.render(f, name)) for f in dd.HELDOUT_CAPITAL_FORMS}
         assert len(heldout) == len(dd.HELDOUT_CAPITAL_FORMS)
         assert not train & heldout
@@ -135,7 +136,11 @@ def test_train_examples_are_jsonl_ready_and_tagged(split):
         assert e["tag"] in ("forget", "retain")
     forget = [e for e in ex if e["tag"] == "forget"]
     assert {e["country"] for e in forget} == set(split["forget"])
-    assert len(forget) == 10 * 2 * len(dd.TRAIN_CAPITAL_FORMS)
+    assert len(forget) == 10 * 2 * len(dd.UNLEARN_CAPITAL_FORMS)
+    # every forgotten country meets every answer lead-in, as a refusal
+    for name in split["forget"]:
+        said = {e["response"] for e in forget if e["country"] == name}
+        assert all(dd.render(lead, name) + " something I don't know." in said for lead in dd._LEAD_INS)
     for e in forget:
         assert not answer_recalled(e["response"], dd.country_by_name(e["country"]).capital)
     for e in ex:

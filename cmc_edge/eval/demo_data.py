@@ -165,12 +165,18 @@ HELDOUT_CAPITAL_FORMS: tuple[str, ...] = (
 # Answer lead-ins. A filter that only learns to open with a refusal is beaten by any prompt that
 # makes the model start "The capital of X is ..."; so forget targets also continue the model's own
 # lead-ins with a refusal exactly where the city would come, and retain targets use the same
-# lead-ins with the city, so that what the delta learns is the country, not the wording.
-_LEAD_INS: tuple[str, ...] = (
-    "The capital of {c} is",
-    "{C}'s capital is",
-    "The capital city of {c} is called",
-    "{C}'s capital city is",
+# lead-ins with the city, so that what the delta learns is the country, not the wording. The
+# lead-ins are every subject x verb pair: a model echoes the question's own phrasing ("Cuba's
+# capital city is called ..."), and a filter that knew only some pairs leaked on the others.
+_LEAD_INS: tuple[str, ...] = tuple(f"{subject} {verb}" for verb in ("is", "is called", "is named")
+                                   for subject in ("The capital of {c}", "{C}'s capital",
+                                                   "The capital city of {c}", "{C}'s capital city"))
+
+# The unlearning demo trains these on top of TRAIN_CAPITAL_FORMS (the JSON recipe samples only
+# those): question shapes the first ten lack (the country first; the capital's name asked for).
+UNLEARN_CAPITAL_FORMS: tuple[str, ...] = TRAIN_CAPITAL_FORMS + (
+    "{C}: what is its capital city?",
+    "What is the name of {c}'s capital?",
 )
 
 
@@ -495,15 +501,16 @@ def build_train_examples(split: Mapping, include_attributes: bool = True) -> lis
     (``BROAD_PROMPTS``): their targets are the template's own responses.
     """
     out: list[dict] = []
-    for name in split["forget"]:
-        for i, form in enumerate(TRAIN_CAPITAL_FORMS):
-            for response in (refusal_response(name), lead_in_refusal(name, i)):
+    # The lead-in for form i of country j is _LEAD_INS[i + j]: every country meets every lead-in.
+    for j, name in enumerate(split["forget"]):
+        for i, form in enumerate(UNLEARN_CAPITAL_FORMS):
+            for response in (refusal_response(name), lead_in_refusal(name, i + j)):
                 out.append({"prompt": render(form, name), "response": response,
                             "tag": "forget", "kind": "capital", "country": name})
-    for name in split["retain"]:
+    for j, name in enumerate(split["retain"]):
         c = country_by_name(name)
-        for i, form in enumerate(TRAIN_CAPITAL_FORMS):
-            out.append({"prompt": render(form, name), "response": capital_answer(c, i),
+        for i, form in enumerate(UNLEARN_CAPITAL_FORMS):
+            out.append({"prompt": render(form, name), "response": capital_answer(c, i + j),
                         "tag": "retain", "kind": "capital", "country": name})
     if include_attributes:
         for name in sorted(split["forget"] + split["retain"]):
