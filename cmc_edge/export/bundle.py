@@ -102,11 +102,10 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
     differs from PyTorch by more than ``tolerance``, or the INT8 graph fails its agreement check.
     ``graph`` picks the graph writer (:func:`cmc_edge.export.onnx.export_onnx`).
     """
+    import numpy as np
     from tqdm.auto import tqdm
 
     from cmc_edge import __version__
-    import numpy as np
-
     from cmc_edge.export.onnx import DEFAULT_OPSET, choose_graph, embedding_table, export_onnx, validate_onnx
     from cmc_edge.export.quantize import compare_int8, quantize_int8
     from cmc_edge.runtime.shift import group_rows

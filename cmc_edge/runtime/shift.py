@@ -263,18 +263,17 @@ def _top_k_candidates(T: np.ndarray, parts, k: int, max_candidates: int):
     if len(ids) > max_candidates:
         return None
     order = np.argsort(-bound, kind="stable")
-    done, chunk, got = 0, max(4 * k, 32), []
+    done, chunk = 0, max(4 * k, 32)
+    read, scores = ids[:0], np.empty(0, np.float32)
     while done < len(ids):                  # exact scores, best bounds first
-        take = order[done:done + chunk]
-        got.append((ids[take], _exact(T, parts, ids[take])))
+        take = ids[order[done:done + chunk]]
+        read, scores = np.concatenate([read, take]), np.concatenate([scores, _exact(T, parts, take)])
         done, chunk = done + len(take), 2 * chunk
-        scores = np.concatenate([sc for _, sc in got])
         if done < len(ids) and len(scores) >= k:
             kth_exact = float(scores.max()) if k == 1 else float(np.partition(scores, -k)[-k])
             if kth_exact > bound[order[done]]:      # every unread token scores below k read ones
                 break
-    ids = np.concatenate([i for i, _ in got])
-    scores = np.concatenate([sc for _, sc in got])
+    ids = read
     if np.count_nonzero(scores >= theta) < k:       # cannot happen (see above); never trust a broken proof
         return None
     return ids, scores
