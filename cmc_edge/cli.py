@@ -201,7 +201,7 @@ def cmd_eval(args) -> int:
     if out is not None and out.exists() and not args.overwrite:
         raise CmcError(f"{out} already exists", fix="choose another --out or pass --overwrite")
     result = evaluate(args.delta, args.model or ["smollm2"], items, args.alpha or [1.0], text=text,
-                      max_tokens=args.max_tokens, n_threads=args.threads)
+                      max_tokens=args.max_tokens, n_threads=args.threads, variant="int8" if args.int8 else "fp32")
     print(format_eval_table(result))
     if out is not None:
         write_json(out, result)
@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="UTF-8 text file for perplexity")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--int8", action="store_true", help="evaluate the bundle's INT8 delta graph (as `--int8` runs it)")
     p.add_argument("--out", "-o", help="write the results (table rows and every output) as JSON, and a PNG chart "
                                          "next to it")
     p.add_argument("--chart", help="where to write the PNG chart (default: --out with .png)")

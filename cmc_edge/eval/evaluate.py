@@ -72,8 +72,10 @@ def _mean(xs):
 
 
 def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], *, text: str | None = None,
-             max_tokens: int = 48, n_threads: int | None = None, progress: bool = True) -> dict:
-    """Run every model at alpha 0 and at each alpha; return ``{"rows": [...], "samples": {...}}``."""
+             max_tokens: int = 48, n_threads: int | None = None, progress: bool = True,
+             variant: str = "fp32") -> dict:
+    """Run every model at alpha 0 and at each alpha with the bundle's ``variant`` graph ("fp32" or
+    "int8"); return ``{"rows": [...], "samples": {...}}``."""
     from tqdm.auto import tqdm
 
     from cmc_edge.eval.runner import perplexity
@@ -88,7 +90,7 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
     for name in models:
         path = resolve_model(name)
         target = TargetLLM(path, n_ctx=2048, n_threads=n_threads)
-        delta = Delta(bundle, target)
+        delta = Delta(bundle, target, variant=variant)
         engine = Engine(target, [delta])
         for a in alphas:
             per_split: dict[str, dict] = {}
@@ -116,7 +118,7 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
             samples[f"{path.stem}@{a:g}"] = outs
         engine.close()
     return {"rows": rows, "samples": samples, "alphas": alphas, "items": len(items), "bundle": str(bundle),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "variant": variant, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def format_eval_table(result: dict) -> str:
