@@ -20,8 +20,8 @@ PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a mes
 
 CHILD = r"""
 import json, resource, sys, time
-mode, model, bundle, tokens, threads, ngl, variant, temp = sys.argv[1:9]
-tokens, threads, ngl, temp = int(tokens), int(threads), int(ngl), float(temp)
+mode, model, bundle, tokens, threads, ngl, variant, temp, dthreads = sys.argv[1:10]
+tokens, threads, ngl, temp, dthreads = int(tokens), int(threads), int(ngl), float(temp), int(dthreads)
 from cmc_edge.models import resolve_model
 path = resolve_model(model)
 messages = [{"role": "user", "content": %r}]
@@ -42,7 +42,7 @@ else:
     from cmc_edge.runtime.engine import Delta, Engine, SamplingParams
     from cmc_edge.runtime.target import TargetLLM
     target = TargetLLM(path, n_ctx=1024, n_threads=threads, n_gpu_layers=ngl)
-    eng = Engine(target, [Delta(bundle, target, variant=variant)])
+    eng = Engine(target, [Delta(bundle, target, variant=variant, threads=dthreads)])
     tgt, dps = eng.chat_prompts(messages)
     # ignore EOS the way the plain loop does: stop only at the token budget
     target.is_eog = lambda t: False
@@ -57,9 +57,9 @@ print(json.dumps({"tokens": n, "seconds": dt, "tok_s": n / dt, "max_rss_mb": rss
 """ % PROMPT
 
 
-def run_once(mode, model, bundle, tokens, threads, ngl, variant, temperature=0.0):
+def run_once(mode, model, bundle, tokens, threads, ngl, variant, temperature=0.0, delta_threads=1):
     out = subprocess.run([sys.executable, "-c", CHILD, mode, model, str(bundle), str(tokens), str(threads), str(ngl),
-                          variant, str(temperature)], capture_output=True, text=True, check=True)
+                          variant, str(temperature), str(delta_threads)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -74,6 +74,7 @@ def main() -> int:
     ap.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy (the issue's setting); > 0 samples with top-k 40, top-p 0.95, min-p 0.05")
+    ap.add_argument("--delta-threads", type=int, default=1, help="onnxruntime threads for the delta step")
     args = ap.parse_args()
     results = {}
     for model in args.model or ["smollm2", "gemma3"]:
@@ -81,7 +82,8 @@ def main() -> int:
         for _ in range(args.runs):
             for mode in ("plain", "cmc"):
                 rows[mode].append(run_once(mode, model, Path(args.bundle), args.tokens, args.threads,
-                                           args.n_gpu_layers, args.variant, args.temperature))
+                                           args.n_gpu_layers, args.variant, args.temperature,
+                                           args.delta_threads))
         med = {m: {"tok_s": statistics.median(r["tok_s"] for r in rows[m]),
                    "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows[m])} for m in rows}
         ratio = med["cmc"]["tok_s"] / med["plain"]["tok_s"]
