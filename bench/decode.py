@@ -42,7 +42,7 @@ else:
     from cmc_edge.runtime.engine import Delta, Engine, SamplingParams
     from cmc_edge.runtime.target import TargetLLM
     target = TargetLLM(path, n_ctx=1024, n_threads=threads, n_gpu_layers=ngl)
-    eng = Engine(target, [Delta(bundle, target, variant=variant, threads=dthreads)])
+    eng = Engine(target, [Delta(bundle, target, variant=None if variant == "default" else variant, threads=dthreads)])
     tgt, dps = eng.chat_prompts(messages)
     # ignore EOS the way the plain loop does: stop only at the token budget
     target.is_eog = lambda t: False
@@ -71,7 +71,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
-    ap.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
+    ap.add_argument("--variant", default="default", choices=["default", "fp32", "int8"],
+                    help="the delta graph (default: the runtime's, INT8 where the bundle has one)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy (the issue's setting); > 0 samples with top-k 40, top-p 0.95, min-p 0.05")
     ap.add_argument("--delta-threads", type=int, default=1, help="onnxruntime threads for the delta step")

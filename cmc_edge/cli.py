@@ -23,11 +23,22 @@ def _add_target_args(p):
     p.add_argument("--alpha", "-a", action="append", type=float, default=None,
                    help="alpha per delta, in --delta order (default: each bundle's own); 0 disables")
     p.add_argument("--no-delta", action="store_true", help="run the plain model (for comparison)")
-    p.add_argument("--int8", action="store_true", help="use the INT8 delta graph")
+    _add_variant_args(p)
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama.cpp's choice)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (llama.cpp CUDA build)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template overriding the GGUF's")
+
+
+def _add_variant_args(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fp32", action="store_true", help="run the delta's exact fp32 graph (default: its INT8 graph "
+                   "where the bundle has one, about 1.1x faster beside llama.cpp)")
+    g.add_argument("--int8", action="store_true", help="require the delta's INT8 graph (an error if the bundle has none)")
+
+
+def _variant(args) -> str | None:
+    return "fp32" if args.fp32 else "int8" if args.int8 else None
 
 
 def _add_sampling_args(p):
@@ -63,7 +74,7 @@ def build_engine(args):
     if not args.no_delta:
         for i, b in enumerate(args.delta):
             alpha = args.alpha[i] if args.alpha else None
-            deltas.append(Delta(b, target, alpha=alpha, variant="int8" if args.int8 else "fp32"))
+            deltas.append(Delta(b, target, alpha=alpha, variant=_variant(args)))
     return Engine(target, deltas)
 
 
@@ -201,7 +212,7 @@ def cmd_eval(args) -> int:
     if out is not None and out.exists() and not args.overwrite:
         raise CmcError(f"{out} already exists", fix="choose another --out or pass --overwrite")
     result = evaluate(args.delta, args.model or ["smollm2"], items, args.alpha or [1.0], text=text,
-                      max_tokens=args.max_tokens, n_threads=args.threads, variant="int8" if args.int8 else "fp32")
+                      max_tokens=args.max_tokens, n_threads=args.threads, variant=_variant(args))
     print(format_eval_table(result))
     if out is not None:
         write_json(out, result)
@@ -329,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="UTF-8 text file for perplexity")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--int8", action="store_true", help="evaluate the bundle's INT8 delta graph (as `--int8` runs it)")
+    _add_variant_args(p)
     p.add_argument("--out", "-o", help="write the results (table rows and every output) as JSON, and a PNG chart "
                                          "next to it")
     p.add_argument("--chart", help="where to write the PNG chart (default: --out with .png)")

@@ -134,7 +134,7 @@ def onnx_foreign(env):
     b = env.bundle()
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "foreign", io[:1], io[1:])
-    onnx.save(helper.make_model(graph), b / "delta.onnx")
+    onnx.save(helper.make_model(graph), b / "delta.int8.onnx")      # the graph generate runs by default
     rewrite_manifest(b)                          # checksums fine: only the graph's interface can tell
     return env.gen(delta=b)
 
@@ -143,7 +143,7 @@ def onnx_not_protobuf(env):
     b = env.bundle()
     (b / "delta.onnx").write_bytes(b"\x08\x07 not a protobuf " * 64)
     rewrite_manifest(b)
-    return env.gen(delta=b)
+    return env.gen("--fp32", delta=b)
 
 
 def bundle_without_manifest(env):

@@ -62,3 +62,10 @@ def test_serve_builds_its_engine_and_app_from_the_command_line(tiny_gguf, tmp_pa
     assert main(["serve", "--model", str(tiny_gguf), "--delta", str(bundle), "--port", "8123", "--alpha", "0.5"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
     assert {r.path for r in seen["app"].routes} >= {"/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+@pytest.mark.parametrize("verb", [["generate", "hi"], ["chat"], ["serve"], ["eval", "--items", "x.jsonl"]])
+def test_fp32_and_int8_are_one_choice(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*verb, "--delta", "b", "--fp32", "--int8"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -63,20 +63,21 @@ def test_eval_runs_each_model_at_alpha_zero_and_each_alpha(tiny_gguf, tmp_path, 
     assert main(argv) == 2                                                     # never overwrites silently
 
 
-def test_eval_int8_scores_the_int8_graph(tiny_gguf, tmp_path):
-    """`--int8` evaluates what `generate --int8` runs: the INT8 graph's scores, close to fp32's but its own."""
+def test_eval_scores_the_graph_generate_runs(tiny_gguf, tmp_path):
+    """eval runs what generate runs: the INT8 graph by default, fp32 with `--fp32` (scores close but
+    each its own); the variant is recorded."""
     from tiny_checkpoint import make_tiny_bundle
 
     bundle = make_tiny_bundle(tmp_path / "bundle")
     items = tmp_path / "items.jsonl"
     items.write_text(json.dumps({"question": "Hello world", "reference": "Hello world 1234", "split": "retain"}) + "\n")
     nll = {}
-    for flag in ([], ["--int8"]):
+    for flag in (["--fp32"], []):
         out = tmp_path / f"res{len(flag)}.json"
         assert main(["eval", "--delta", str(bundle), "--model", str(tiny_gguf), "--items", str(items), "--alpha", "1.5",
                      "--max-tokens", "4", "--out", str(out), *flag]) == 0
         res = json.loads(out.read_text())
-        assert res["variant"] == ("int8" if flag else "fp32")
+        assert res["variant"] == ("fp32" if flag else "int8")
         nll[res["variant"]] = [r["splits"]["retain"]["reference_nll"] for r in res["rows"]]
     assert nll["int8"][0] == nll["fp32"][0]                      # alpha 0: no delta at all
     assert nll["int8"][1] != nll["fp32"][1] and abs(nll["int8"][1] - nll["fp32"][1]) < 0.5

@@ -67,10 +67,12 @@ def test_feed_returns_the_last_row_of_feed_all(bundle):
 
 
 def test_token_by_token_equals_one_prefill(bundle):
+    # fp32 only: dynamic INT8 quantizes activations with one scale per call, so a prefill and
+    # single steps see different scales (close, not equal)
     seq = ids_(bundle, 9, seed=2)
-    step = OnnxDelta(bundle, providers=CPU)
+    step = OnnxDelta(bundle, "fp32", providers=CPU)
     rows = [step.feed([t]) for t in seq]
-    whole = OnnxDelta(bundle, providers=CPU).feed_all(seq)
+    whole = OnnxDelta(bundle, "fp32", providers=CPU).feed_all(seq)
     np.testing.assert_allclose(step.head.logits(np.stack(rows)), whole, atol=1e-5, rtol=0)
 
 

@@ -36,6 +36,21 @@ def test_loads_and_resolves_members(pristine):
     assert isinstance(b.onnx, OnnxSpec) and b.onnx.input_names[:2] == ("inputs_embeds", "position_ids")
 
 
+def test_the_runtime_runs_int8_where_the_bundle_has_it_and_fp32_otherwise(pristine, tmp_path, tiny_gguf):
+    from cmc_edge.runtime.engine import Delta
+    from cmc_edge.runtime.target import TargetLLM
+
+    with_int8 = make_tiny_bundle(tmp_path / "with", int8=True)
+    assert load_bundle(pristine).default_variant == "fp32" and load_bundle(with_int8).default_variant == "int8"
+    assert load_bundle(with_int8).model_path() == with_int8.resolve() / "delta.int8.onnx"
+    target = TargetLLM(tiny_gguf, n_ctx=64)
+    assert Delta(with_int8, target).variant == "int8"
+    assert Delta(with_int8, target, variant="fp32").variant == "fp32"
+    assert Delta(pristine, target).variant == "fp32"
+    with pytest.raises(InputError, match="no 'int8' model"):
+        Delta(pristine, target, variant="int8")
+
+
 def corrupt_file(root):
     with open(root / "delta.onnx", "ab") as fh:
         fh.write(b"\0")

@@ -50,7 +50,7 @@ def _engine(model_path, bundle, alpha=None):
     from cmc_edge.runtime.target import TargetLLM
 
     target = TargetLLM(model_path, n_ctx=512, n_threads=2)
-    return Engine(target, [Delta(bundle, target, alpha=alpha)])
+    return Engine(target, [Delta(bundle, target, alpha=alpha, variant="fp32")])   # the exact graph
 
 
 def _plain(model_path, prompt: str, n: int) -> list[int]:

@@ -123,7 +123,7 @@ def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], alpha
     delta = Delta(bundle, target, alpha=alpha)
     map_s = time.perf_counter() - t0
     engine = Engine(target, [delta])
-    out = {"model": name, "map_seconds": round(map_s, 2),
+    out = {"model": name, "variant": delta.variant, "map_seconds": round(map_s, 2),
            "map_kind": "identity" if delta.map.is_identity else "pm-mined"}
     text = "\n\n".join(dd.GENERAL_TEXT)
     for cond, a in (("base", 0.0), ("filtered", alpha)):

@@ -73,9 +73,9 @@ def _mean(xs):
 
 def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], *, text: str | None = None,
              max_tokens: int = 48, n_threads: int | None = None, progress: bool = True,
-             variant: str = "fp32") -> dict:
-    """Run every model at alpha 0 and at each alpha with the bundle's ``variant`` graph ("fp32" or
-    "int8"); return ``{"rows": [...], "samples": {...}}``."""
+             variant: str | None = None) -> dict:
+    """Run every model at alpha 0 and at each alpha with the bundle's ``variant`` graph ("fp32",
+    "int8", None: the runtime's default); return ``{"rows": [...], "samples": {...}}``."""
     from tqdm.auto import tqdm
 
     from cmc_edge.eval.runner import perplexity
@@ -91,6 +91,7 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
         path = resolve_model(name)
         target = TargetLLM(path, n_ctx=2048, n_threads=n_threads)
         delta = Delta(bundle, target, variant=variant)
+        variant = delta.variant
         engine = Engine(target, [delta])
         for a in alphas:
             per_split: dict[str, dict] = {}

@@ -165,7 +165,7 @@ def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: 
     target = TargetLLM(model_path, n_ctx=1024, n_threads=2)
     engine = Engine(target, [Delta(bundle, target, alpha=cfg.alpha)])
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, stop=("\n\n",))
-    out = {"model": name}
+    out = {"model": name, "variant": engine.deltas[0].variant}
     for cond, a in (("base", 0.0), ("delta", cfg.alpha)):
         rows, n_tok, secs = [], 0, 0.0
         for it in tqdm(items, desc=f"{name} {'with' if a else 'without'} delta", unit="q"):

@@ -131,7 +131,14 @@ class Bundle:
     def max_positions(self) -> int:
         return self.onnx.max_positions
 
-    def model_path(self, variant: Variant = "fp32") -> Path:
+    @property
+    def default_variant(self) -> Variant:
+        """The graph the runtime runs unless told otherwise: INT8 where the bundle has one (the
+        exporter only writes it after checking it against fp32), else fp32."""
+        return "int8" if "int8" in self.models else "fp32"
+
+    def model_path(self, variant: Variant | None = None) -> Path:
+        variant = variant or self.default_variant
         if variant not in self.models:
             have = ", ".join(sorted(self.models)) or "none"
             fix = ("re-export without --no-int8, or use the fp32 variant" if variant == "int8"

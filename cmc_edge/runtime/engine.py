@@ -87,9 +87,13 @@ def check_alpha(alpha: float) -> float:
 
 
 class Delta:
-    """A loaded delta bundle, ready to steer one target vocabulary: ONNX session + tokenizer + token map."""
+    """A loaded delta bundle, ready to steer one target vocabulary: ONNX session + tokenizer + token map.
 
-    def __init__(self, bundle_path: str | Path, target, *, alpha: float | None = None, variant: str = "fp32",
+    ``variant``: "int8" or "fp32"; None runs the bundle's INT8 graph where it has one (the fast
+    path, checked against fp32 at export) and fp32 otherwise. fp32 is the exact one (tested
+    against PyTorch token for token)."""
+
+    def __init__(self, bundle_path: str | Path, target, *, alpha: float | None = None, variant: str | None = None,
                  providers: list[str] | None = None, threads: int = 1, cache_dir: Path | None = None,
                  name: str | None = None):
         from tokenizers import Tokenizer
@@ -115,6 +119,7 @@ class Delta:
                            fix="re-export it from its training checkpoint (weights and tokenizer together)")
         self.map = cached_token_map(target.path, delta_vocab, (cache_dir or default_cache()) / "maps")
         self.session = OnnxDelta(self.bundle, variant=variant, providers=providers, threads=threads)
+        self.variant = self.session.variant
         self.head = self.session.head
         self.mapped = MappedHead(self.head, self.map.index, self.map.mask)
 

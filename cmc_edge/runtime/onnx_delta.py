@@ -40,11 +40,13 @@ def default_providers() -> list[str]:
 class OnnxDelta:
     """One delta session with its KV cache. Not thread-safe: one generation at a time."""
 
-    def __init__(self, bundle: Bundle, variant: Literal["fp32", "int8"] = "fp32",
+    def __init__(self, bundle: Bundle, variant: Literal["fp32", "int8"] | None = None,
                  providers: list[str] | None = None, threads: int = 1, head: DeltaHead | None = None):
+        """``variant`` None: the bundle's default (INT8 where it has one, see ``Bundle.default_variant``)."""
         path = bundle.model_path(variant)
         head = head or DeltaHead(bundle.load_embedding(), bundle.load_groups())
         self._setup(path, bundle.onnx, head, providers, threads)
+        self.variant = variant or bundle.default_variant
 
     @classmethod
     def from_file(cls, onnx_path: str | Path, spec: OnnxSpec, head: DeltaHead, *,
@@ -52,6 +54,7 @@ class OnnxDelta:
         """A session on a bare graph file (the exporter validates with this before the bundle exists)."""
         self = cls.__new__(cls)
         self._setup(Path(onnx_path), spec, head, providers, threads)
+        self.variant = None                  # a bare file: no variant name
         return self
 
     def _setup(self, path: Path, spec: OnnxSpec, head: DeltaHead, providers: list[str] | None,
