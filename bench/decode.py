@@ -88,12 +88,15 @@ def main() -> int:
         med = {m: {"tok_s": statistics.median(r["tok_s"] for r in rows[m]),
                    "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows[m])} for m in rows}
         ratio = med["cmc"]["tok_s"] / med["plain"]["tok_s"]
+        # each cmc-edge run against the plain run just before it: drifts of the box's speed over
+        # minutes (plain llama.cpp alone moves by 10%) cancel within a pair
+        paired = statistics.median(c["tok_s"] / p["tok_s"] for p, c in zip(rows["plain"], rows["cmc"]))
         extra = med["cmc"]["max_rss_mb"] - med["plain"]["max_rss_mb"]
         full = sum(r["full_shift_steps"] for r in rows["cmc"]) / max(1, sum(r["tokens"] for r in rows["cmc"]))
-        results[model] = {"median": med, "speed_ratio": ratio, "extra_rss_mb": extra, "full_shift_share": full,
-                          "runs": rows}
+        results[model] = {"median": med, "speed_ratio": ratio, "paired_ratio": paired, "extra_rss_mb": extra,
+                          "full_shift_share": full, "runs": rows}
         print(f"{model:<8} plain {med['plain']['tok_s']:7.1f} tok/s  cmc-edge {med['cmc']['tok_s']:7.1f} tok/s  "
-              f"ratio {ratio:.3f}   RSS plain {med['plain']['max_rss_mb']:.0f} MB  cmc-edge "
+              f"ratio {ratio:.3f} (paired {paired:.3f})   RSS plain {med['plain']['max_rss_mb']:.0f} MB  cmc-edge "
               f"{med['cmc']['max_rss_mb']:.0f} MB  (+{extra:.0f} MB)  full-vocabulary shift on {100 * full:.1f}% "
               f"of steps")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()}))
