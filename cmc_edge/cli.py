@@ -33,7 +33,7 @@ def _add_target_args(p):
 def _add_variant_args(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fp32", action="store_true", help="run the delta's exact fp32 graph (default: its INT8 graph "
-                   "where the bundle has one, about 1.1x faster beside llama.cpp)")
+                   "where the bundle has one, the faster step)")
     g.add_argument("--int8", action="store_true", help="require the delta's INT8 graph (an error if the bundle has none)")
 
 
