@@ -40,7 +40,9 @@ class DemoConfig:
     alpha: float = 1.0
     objective: str = "unlearn-idk"
     size: str = "15m"
-    kl_weight: float = 1.0
+    # Retain data held twice as hard as the default training's: at 1.0 the filter over-refused on
+    # seed 2 (retain -29 / -23 points); at 2.0 seeds 2 and 3 (and 0) pass every bar (README).
+    kl_weight: float = 2.0
     lr: float = 2e-3
     batch_size: int = 16
     broad_tokens: int = 48
