@@ -86,12 +86,12 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
 
     alphas = [0.0] + [check_alpha(a) for a in alphas if a != 0.0]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=("\n\n",))
-    rows, samples = [], {}
+    rows, samples, used = [], {}, variant
     for name in models:
         path = resolve_model(name)
         target = TargetLLM(path, n_ctx=2048, n_threads=n_threads)
         delta = Delta(bundle, target, variant=variant)
-        variant = delta.variant
+        used = delta.variant
         engine = Engine(target, [delta])
         for a in alphas:
             per_split: dict[str, dict] = {}
@@ -119,7 +119,7 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
             samples[f"{path.stem}@{a:g}"] = outs
         engine.close()
     return {"rows": rows, "samples": samples, "alphas": alphas, "items": len(items), "bundle": str(bundle),
-            "variant": variant, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "variant": used, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def format_eval_table(result: dict) -> str:

@@ -43,10 +43,9 @@ class OnnxDelta:
     def __init__(self, bundle: Bundle, variant: Literal["fp32", "int8"] | None = None,
                  providers: list[str] | None = None, threads: int = 1, head: DeltaHead | None = None):
         """``variant`` None: the bundle's default (INT8 where it has one, see ``Bundle.default_variant``)."""
-        path = bundle.model_path(variant)
-        head = head or DeltaHead(bundle.load_embedding(), bundle.load_groups())
-        self._setup(path, bundle.onnx, head, providers, threads)
         self.variant = variant or bundle.default_variant
+        head = head or DeltaHead(bundle.load_embedding(), bundle.load_groups())
+        self._setup(bundle.model_path(self.variant), bundle.onnx, head, providers, threads)
 
     @classmethod
     def from_file(cls, onnx_path: str | Path, spec: OnnxSpec, head: DeltaHead, *,
