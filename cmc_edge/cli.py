@@ -296,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--no-int8", action="store_true")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX - PyTorch| accepted")
-    p.add_argument("--graph", choices=["auto", "fused", "torch"], default="auto",
-                   help="graph writer: onnxruntime's fused operators, or torch.onnx.export (auto: fused where it "
-                        "covers the delta)")
+    p.add_argument("--graph", choices=["auto", "fused", "fused-mha", "torch"], default="auto",
+                   help="graph writer: onnxruntime's fused operators (fused: GroupQueryAttention with an in-place "
+                        "KV cache, the fast CPU form; fused-mha: MultiHeadAttention, which the CUDA provider runs in "
+                        "float32), or torch.onnx.export (auto: fused where it covers the delta)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("map", help="build (or show) the PM-MinED token map from a GGUF to a delta")

@@ -231,16 +231,54 @@ def test_fused_graph_matches_pytorch_with_every_weight_random(tmp_path):
 
     from cmc_edge.export.onnx import embedding_table, export_onnx, validate_onnx
 
-    model = random_llama()
-    for graph in ("fused", "torch"):
+    model = random_llama(hidden_size=64)                    # head size 16: the GroupQueryAttention form
+    for graph in ("fused", "fused-mha", "torch"):
         spec = export_onnx(model, tmp_path / f"{graph}.onnx", graph=graph)
+        assert spec.kv_cache == ("shared" if graph == "fused" else "concat")
         res = validate_onnx(model, tmp_path / f"{graph}.onnx", spec, embedding_table(model), tolerance=TOL,
                             chunks=(5, 1, 1, 4, 1, 9))
         assert res["max_abs_diff"] < TOL
-    fused = [n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node]
+    gqa = [n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node]
+    mha = [n.op_type for n in onnx.load(tmp_path / "fused-mha.onnx").graph.node]
     traced = onnx.load(tmp_path / "torch.onnx").graph.node
-    assert fused.count("MultiHeadAttention") == 3 and fused.count("SkipSimplifiedLayerNormalization") == 2 * 3
-    assert len(fused) <= 15 * 3 + 2 < len(traced) / 3       # what the fused writer is for
+    assert gqa.count("GroupQueryAttention") == 3 and "RotaryEmbedding" not in gqa
+    assert mha.count("MultiHeadAttention") == 3 and mha.count("SkipSimplifiedLayerNormalization") == 2 * 3
+    assert len(gqa) <= 11 * 3 + 7 < len(mha) <= 15 * 3 + 2 < len(traced) / 3       # what the fused writer is for
+
+
+def test_shared_cache_graph_runs_the_concat_way_too_and_rolls_back_in_place(tmp_path):
+    """The GroupQueryAttention graph gives the same states with one in-place buffer per cache
+    tensor (what the runtime binds) as with a growing past, across a rollback and a re-fed chunk."""
+    from dataclasses import replace
+
+    from cmc_edge.export.onnx import embedding_table, export_onnx, reference_logits
+    from cmc_edge.runtime.onnx_delta import OnnxDelta
+    from cmc_edge.runtime.shift import DeltaHead
+
+    model = random_llama(hidden_size=64)
+    spec = export_onnx(model, tmp_path / "d.onnx", graph="fused")
+    head = DeltaHead(embedding_table(model))
+    ids = np.random.default_rng(5).integers(0, spec.vocab_size, 20)
+    shared = OnnxDelta.from_file(tmp_path / "d.onnx", spec, head, providers=["CPUExecutionProvider"])
+    concat = OnnxDelta.from_file(tmp_path / "d.onnx", replace(spec, kv_cache="concat"), head,
+                                 providers=["CPUExecutionProvider"])
+    assert shared.shared_cache and not concat.shared_cache
+    for d in (shared, concat):
+        d.feed(ids[:9])
+        d.feed(ids[9:10])
+        d.rollback(4)                                       # the next chunk overwrites rows 4..
+    got = shared.feed_all(ids[10:16])
+    np.testing.assert_allclose(got, concat.feed_all(ids[10:16]), atol=1e-5, rtol=0)
+    want = reference_logits(model, np.concatenate([ids[:4], ids[10:16]]))[4:]
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    assert shared.n_past == 10
+
+
+def test_head_sizes_gqa_cannot_rotate_get_the_multihead_form(tmp_path):
+    from cmc_edge.export.onnx import choose_graph
+
+    assert choose_graph(random_llama().config, "auto") == "fused-mha"          # head size 8
+    assert choose_graph(random_llama(hidden_size=64).config, "auto") == "fused"
 
 
 @pytest.mark.parametrize("overrides, reason", [

@@ -4,20 +4,30 @@
 rsqrt/mul, rotary as slices and concats, attention as matmuls, masks and a softmax). For a 15M
 delta one decode step is a few hundred microseconds of arithmetic, so per-node dispatch and the
 intermediate tensors are a large part of its cost. This module writes the same computation with
-onnxruntime's contrib operators, 14 nodes a layer::
+onnxruntime's contrib operators, 11 nodes a layer (``attention="gqa"``, the default)::
 
     h   = SkipSimplifiedLayerNormalization(previous block, residual)       (RMSNorm + residual add)
-    q,k,v = Split(MatMul(h, [Wq Wk Wv]))                                     (one packed projection)
-    q,k = RotaryEmbedding(q, position_ids), RotaryEmbedding(k, position_ids)
-    a, present_k, present_v = MultiHeadAttention(q, k, v, past_k, past_v, unidirectional=1)
+    qkv = MatMul(h, [Wq Wk Wv])                                              (one packed projection)
+    a, present_k, present_v = GroupQueryAttention(qkv, past_k, past_v, seqlens_k, total_len,
+                                                  cos_cache, sin_cache, do_rotary=1)
     ... SkipSimplifiedLayerNormalization, MatMul([Wgate Wup]), Split, x*sigmoid(x)*up, MatMul(Wdown)
 
-The interface is exactly the exporter's (:class:`cmc_edge.runtime.bundle.OnnxSpec`), so the runtime
-does not know which writer made a bundle, and the export is validated against PyTorch the same way.
-``MultiHeadAttention`` and ``RotaryEmbedding`` rather than ``GroupQueryAttention``: onnxruntime's
-CUDA provider registers float32 kernels for the first two and only half-precision ones for the
-third. (Validated on CPU; the CUDA path has not been run here. A kernel that fails there raises,
-and the decode loop stops with a DeltaFault.)
+``GroupQueryAttention`` applies the rotary embedding itself (positions from ``seqlens_k``, which
+the graph derives from ``position_ids``) and, when its past and present are one buffer of
+``max_positions`` slots, writes the new keys and values in place instead of copying the whole
+cache into a new tensor every step (``OnnxSpec.kv_cache == "shared"``; the runtime binds it that
+way, see :mod:`cmc_edge.runtime.onnx_delta`). Measured on the demo's INT8 delta with cold caches
+(llama.cpp evicts them between steps): 1.09 ms a step at 160 cached tokens against 1.37 ms for the
+MultiHeadAttention graph, 1.08 against 1.41 at 300. The same graph also runs with a growing past
+(``kv_cache == "concat"``), so a runtime that does not share the buffer still gets exact results.
+
+``attention="mha"`` writes ``RotaryEmbedding`` + ``MultiHeadAttention`` (14 nodes a layer, the
+cache copied every step) instead: onnxruntime's CUDA provider has float32 kernels for those two
+and only half-precision ones for ``GroupQueryAttention``, so a delta meant for the CUDA provider
+is exported with ``--graph fused-mha``. (Validated on CPU; the CUDA path has not been run here.)
+
+The interface is the exporter's (:class:`cmc_edge.runtime.bundle.OnnxSpec`), and the export is
+validated against PyTorch the same way whichever writer made it.
 
 It covers the delta architecture ``cmc-edge train`` builds (Llama: RMSNorm, SiLU MLP, default
 RoPE, no biases, as many key/value heads as query heads); :func:`unsupported` says why another
@@ -26,7 +36,9 @@ model is not covered, and the exporter then uses ``torch.onnx.export``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -52,6 +64,13 @@ def unsupported(config) -> str | None:
     return ", ".join(reasons) if reasons else None
 
 
+def gqa_unsupported(config) -> str | None:
+    """Why the GroupQueryAttention form cannot be written (its in-operator rotary needs a head size
+    that is a multiple of 16), or None."""
+    dh = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return f"head size {dh}, not a multiple of 16" if dh % 16 else None
+
+
 def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of position x inverse frequency, as HF Llama's default RoPE. (P, Dh/2) each"""
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)         # (Dh/2,)
@@ -59,8 +78,10 @@ def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.nda
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def write_fused_graph(model, path: str | Path, spec: OnnxSpec, *, opset: int) -> None:
-    """Write ``model`` (an HF Llama causal LM, see :func:`unsupported`) as a fused step graph."""
+def write_fused_graph(model, path: str | Path, spec: OnnxSpec, *, opset: int,
+                      attention: Literal["gqa", "mha"] = "gqa") -> OnnxSpec:
+    """Write ``model`` (an HF Llama causal LM, see :func:`unsupported`) as a fused step graph;
+    return ``spec`` with the cache style the graph supports."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -84,13 +105,25 @@ def write_fused_graph(model, path: str | Path, spec: OnnxSpec, *, opset: int) ->
         return const(name, np.concatenate([w[n] for n in parts]).T)
 
     def node(op: str, ins: list[str], outs: list[str], **attrs) -> None:
-        domain = MS if op in ("SkipSimplifiedLayerNormalization", "RotaryEmbedding", "MultiHeadAttention") else ""
+        domain = MS if op in ("SkipSimplifiedLayerNormalization", "RotaryEmbedding", "MultiHeadAttention",
+                              "GroupQueryAttention") else ""
         nodes.append(helper.make_node(op, ins, outs, domain=domain, name=f"{outs[0]}/{op}", **attrs))
 
     cos, sin = rope_tables(dh, float(rope["rope_theta"]), spec.max_positions)
     const("cos_cache", cos)
     const("sin_cache", sin)
-    const("qkv_sizes", np.array([d, d, d], np.int64))
+    if attention == "gqa":
+        # GroupQueryAttention's lengths: seqlens_k = the last position (total - 1), shape (1,), and
+        # total_sequence_length, a scalar; both int32, both from position_ids (consecutive, batch 1).
+        const("last", np.array(-1, np.int64))
+        const("one", np.array([1], np.int64))
+        node("Gather", [spec.input_names[1], "last"], ["last_pos"], axis=1)                 # (1,)
+        node("Cast", ["last_pos"], ["seqlens_k"], to=TensorProto.INT32)
+        node("Add", ["last_pos", "one"], ["total_len64"])
+        node("Squeeze", ["total_len64"], ["total_len64s"])
+        node("Cast", ["total_len64s"], ["total_len"], to=TensorProto.INT32)
+    else:
+        const("qkv_sizes", np.array([d, d, d], np.int64))
     x, block = spec.input_names[0], None             # the residual stream; the last block's output
     for i in range(n_layers):
         p = f"layers.{i}."
@@ -103,14 +136,18 @@ def write_fused_graph(model, path: str | Path, spec: OnnxSpec, *, opset: int) ->
             x = f"res{i}"
         qkv = packed(p + "self_attn.qkv_proj.weight", [p + f"self_attn.{n}_proj.weight" for n in "qkv"])
         node("MatMul", [f"h{i}", qkv], [f"qkv{i}"])                                          # (1, S, 3d)
-        node("Split", [f"qkv{i}", "qkv_sizes"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1)
-        for t in "qk":
-            node("RotaryEmbedding", [f"{t}{i}", spec.input_names[1], "cos_cache", "sin_cache"], [f"{t}r{i}"],
-                 num_heads=heads, interleaved=0)
-        node("MultiHeadAttention", [f"qr{i}", f"kr{i}", f"v{i}", "", "", "", spec.past_names[2 * i],
-                                    spec.past_names[2 * i + 1]],
-             [f"att{i}", spec.present_names[2 * i], spec.present_names[2 * i + 1]],
-             num_heads=heads, unidirectional=1, scale=float(dh ** -0.5))
+        past, present = spec.past_names[2 * i:2 * i + 2], spec.present_names[2 * i:2 * i + 2]
+        if attention == "gqa":
+            node("GroupQueryAttention", [f"qkv{i}", "", "", *past, "seqlens_k", "total_len", "cos_cache", "sin_cache"],
+                 [f"att{i}", *present], num_heads=heads, kv_num_heads=heads, scale=float(dh ** -0.5),
+                 do_rotary=1, rotary_interleaved=0)
+        else:
+            node("Split", [f"qkv{i}", "qkv_sizes"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1)
+            for t in "qk":
+                node("RotaryEmbedding", [f"{t}{i}", spec.input_names[1], "cos_cache", "sin_cache"], [f"{t}r{i}"],
+                     num_heads=heads, interleaved=0)
+            node("MultiHeadAttention", [f"qr{i}", f"kr{i}", f"v{i}", "", "", "", *past], [f"att{i}", *present],
+                 num_heads=heads, unidirectional=1, scale=float(dh ** -0.5))
         node("MatMul", [f"att{i}", weight(p + "self_attn.o_proj.weight")], [f"o{i}"])
         node("SkipSimplifiedLayerNormalization", [f"o{i}", x, weight(p + "post_attention_layernorm.weight")],
              [f"h2_{i}", "", "", f"mid{i}"], epsilon=eps)
@@ -134,3 +171,4 @@ def write_fused_graph(model, path: str | Path, spec: OnnxSpec, *, opset: int) ->
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                           producer_name="cmc-edge")
     onnx.save(m, str(path))
+    return replace(spec, kv_cache="shared" if attention == "gqa" else "concat")

@@ -52,7 +52,7 @@ from cmc_edge.runtime.bundle import OnnxSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-Graph = Literal["auto", "fused", "torch"]
+Graph = Literal["auto", "fused", "fused-mha", "torch"]
 # Prefill of 7, then incremental steps of 1, 3 and 1 tokens (P = 7, 8, 11).
 VALIDATION_CHUNKS = (7, 1, 3, 1)
 
@@ -94,32 +94,43 @@ class KVCacheWrapper(torch.nn.Module):
         return (out.last_hidden_state.float(), *present)               # (1, S, d), ...
 
 
-def choose_graph(config, graph: Graph = "auto") -> Literal["fused", "torch"]:
+def choose_graph(config, graph: Graph = "auto") -> Literal["fused", "fused-mha", "torch"]:
     """Which writer exports this model: ``auto`` is the fused graph wherever it covers the model."""
     from cmc_edge.export.fused import unsupported
 
-    if graph not in ("auto", "fused", "torch"):
-        raise InputError(f"unknown graph writer {graph!r}", fix="use --graph auto, fused or torch")
+    if graph not in ("auto", "fused", "fused-mha", "torch"):
+        raise InputError(f"unknown graph writer {graph!r}", fix="use --graph auto, fused, fused-mha or torch")
     why = unsupported(config) if graph != "torch" else None
-    if graph == "fused" and why:
+    if graph in ("fused", "fused-mha") and why:
         raise InputError(f"the fused graph does not cover this delta ({why})", fix="export with --graph torch")
     if graph == "auto" and why:
         log.info("fused graph not available (%s): exporting with torch.onnx.export", why)
-    return "torch" if graph == "torch" or why else "fused"
+    if graph == "torch" or why:
+        return "torch"
+    if graph == "fused-mha":
+        return graph
+    from cmc_edge.export.fused import gqa_unsupported
+
+    why_gqa = gqa_unsupported(config)
+    if why_gqa:
+        log.info("GroupQueryAttention does not cover this delta (%s): writing the MultiHeadAttention form", why_gqa)
+        return "fused-mha"
+    return "fused"
 
 
 def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, graph: Graph = "auto") -> OnnxSpec:
     """Export ``model`` (an HF causal LM, eval mode, fp32) to a single-file ONNX graph at ``path``.
 
-    ``graph``: ``fused`` writes onnxruntime's fused operators (:mod:`cmc_edge.export.fused`),
-    ``torch`` traces the model with ``torch.onnx.export``, ``auto`` the first that covers it."""
+    ``graph``: ``fused`` writes onnxruntime's fused operators (:mod:`cmc_edge.export.fused`;
+    ``fused-mha`` its MultiHeadAttention form, for the CUDA provider), ``torch`` traces the model
+    with ``torch.onnx.export``, ``auto`` the first that covers it."""
     spec = onnx_spec(model.config)
-    if choose_graph(model.config, graph) == "fused":
+    chosen = choose_graph(model.config, graph)
+    if chosen in ("fused", "fused-mha"):
         from cmc_edge.export.fused import write_fused_graph
 
-        log.info("writing %d-layer delta as a fused ONNX graph (opset %d)", spec.num_layers, opset)
-        write_fused_graph(model, path, spec, opset=opset)
-        return spec
+        log.info("writing %d-layer delta as a fused ONNX graph (%s, opset %d)", spec.num_layers, chosen, opset)
+        return write_fused_graph(model, path, spec, opset=opset, attention="gqa" if chosen == "fused" else "mha")
     wrapper = KVCacheWrapper(model).eval()
     P, S = 4, 3
     past = [torch.zeros(1, spec.num_kv_heads, P, spec.head_dim) for _ in spec.past_names]      # (1, H, P, Dh)

@@ -53,6 +53,12 @@ class OnnxSpec:
     ``past_{key,value}_i`` float32 (1, H, P, Dh); outputs ``hidden`` float32 (1, S, d),
     ``present_{key,value}_i`` float32 (1, H, P+S, Dh). The output layer (tied embedding, (V, d))
     is applied by the runtime.
+
+    ``kv_cache``: "concat" (the past grows by S each step, as above) or "shared": the graph may
+    also be run with one buffer per cache tensor of ``max_positions`` slots, bound as both the
+    past input and the present output; it then writes the S new rows in place at positions
+    ``position_ids`` and attends to the first ``position_ids[-1] + 1`` rows (the fused
+    GroupQueryAttention graph). A "shared" graph also runs the "concat" way.
     """
 
     input_names: tuple[str, ...]
@@ -63,12 +69,16 @@ class OnnxSpec:
     vocab_size: int
     max_positions: int
     hidden_size: int
+    kv_cache: Literal["concat", "shared"] = "concat"
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_positions", "hidden_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ArtifactError(f"the bundle's onnx.{name} must be a positive integer, got {v!r}", fix=_REEXPORT)
+        if self.kv_cache not in ("concat", "shared"):
+            raise ArtifactError(f"the bundle's onnx.kv_cache must be 'concat' or 'shared', got {self.kv_cache!r}",
+                                fix="upgrade cmc-edge, or " + _REEXPORT)
         n = 2 + 2 * self.num_layers
         if len(self.input_names) != n or len(self.output_names) != n - 1:
             raise ArtifactError(
@@ -108,7 +118,7 @@ class OnnxSpec:
         if not all(isinstance(n, str) for n in [*d["input_names"], *d["output_names"]]):
             raise ArtifactError("the bundle's graph input/output names must be strings", fix=_REEXPORT)
         return cls(input_names=tuple(d["input_names"]), output_names=tuple(d["output_names"]),
-                   **{k: d[k] for k in keys[2:]})
+                   kv_cache=d.get("kv_cache", "concat"), **{k: d[k] for k in keys[2:]})
 
 
 @dataclass(frozen=True)
