@@ -5,6 +5,9 @@ Each run is a fresh subprocess (so resident memory is measured per configuration
 runs alternate and the medians are compared.
 
     python bench/decode.py --bundle runs/<demo>/bundle --model smollm2 --model gemma3
+
+Several ``--bundle`` are compared in the same rounds (plain, then each bundle), each against the
+plain run of its round.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def run_once(mode, model, bundle, tokens, threads, ngl, variant, temperature=0.0
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--bundle", action="append", required=True,
+                    help="delta bundle (repeatable: several bundles are compared in the same rounds)")
     ap.add_argument("--model", action="append", default=None, help="packaged name or GGUF path (repeatable)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -79,27 +83,36 @@ def main() -> int:
     args = ap.parse_args()
     results = {}
     for model in args.model or ["smollm2", "gemma3"]:
-        rows = {"plain": [], "cmc": []}
+        # one round: plain, then each bundle; every cmc-edge run is paired with the plain run of its round
+        rows = {"plain": [], **{b: [] for b in args.bundle}}
         for _ in range(args.runs):
-            for mode in ("plain", "cmc"):
-                rows[mode].append(run_once(mode, model, Path(args.bundle), args.tokens, args.threads,
-                                           args.n_gpu_layers, args.variant, args.temperature,
+            for mode in rows:
+                rows[mode].append(run_once("plain" if mode == "plain" else "cmc", model,
+                                           Path(args.bundle[0] if mode == "plain" else mode), args.tokens,
+                                           args.threads, args.n_gpu_layers, args.variant, args.temperature,
                                            args.delta_threads))
-        med = {m: {"tok_s": statistics.median(r["tok_s"] for r in rows[m]),
-                   "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows[m])} for m in rows}
-        ratio = med["cmc"]["tok_s"] / med["plain"]["tok_s"]
-        # each cmc-edge run against the plain run just before it: drifts of the box's speed over
-        # minutes (plain llama.cpp alone moves by 10%) cancel within a pair
-        paired = statistics.median(c["tok_s"] / p["tok_s"] for p, c in zip(rows["plain"], rows["cmc"]))
-        extra = med["cmc"]["max_rss_mb"] - med["plain"]["max_rss_mb"]
-        full = sum(r["full_shift_steps"] for r in rows["cmc"]) / max(1, sum(r["tokens"] for r in rows["cmc"]))
-        results[model] = {"median": med, "speed_ratio": ratio, "paired_ratio": paired, "extra_rss_mb": extra,
-                          "full_shift_share": full, "runs": rows}
-        print(f"{model:<8} plain {med['plain']['tok_s']:7.1f} tok/s  cmc-edge {med['cmc']['tok_s']:7.1f} tok/s  "
-              f"ratio {ratio:.3f} (paired {paired:.3f})   RSS plain {med['plain']['max_rss_mb']:.0f} MB  cmc-edge "
-              f"{med['cmc']['max_rss_mb']:.0f} MB  (+{extra:.0f} MB)  full-vocabulary shift on {100 * full:.1f}% "
-              f"of steps")
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()}))
+        plain = {"tok_s": statistics.median(r["tok_s"] for r in rows["plain"]),
+                 "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows["plain"])}
+        results[model] = {}
+        for b in args.bundle:
+            cmc = {"tok_s": statistics.median(r["tok_s"] for r in rows[b]),
+                   "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows[b])}
+            ratio = cmc["tok_s"] / plain["tok_s"]
+            # each cmc-edge run against the plain run of its round: drifts of the box's speed over
+            # minutes (plain llama.cpp alone moves by 10%) cancel within a pair
+            paired = statistics.median(c["tok_s"] / p["tok_s"] for p, c in zip(rows["plain"], rows[b]))
+            extra = cmc["max_rss_mb"] - plain["max_rss_mb"]
+            full = sum(r["full_shift_steps"] for r in rows[b]) / max(1, sum(r["tokens"] for r in rows[b]))
+            results[model][b] = {"median": {"plain": plain, "cmc": cmc}, "speed_ratio": ratio, "paired_ratio": paired,
+                                 "extra_rss_mb": extra, "full_shift_share": full,
+                                 "runs": {"plain": rows["plain"], "cmc": rows[b]}}
+            label = f"  [{b}]" if len(args.bundle) > 1 else ""
+            print(f"{model:<8} plain {plain['tok_s']:7.1f} tok/s  cmc-edge {cmc['tok_s']:7.1f} tok/s  "
+                  f"ratio {ratio:.3f} (paired {paired:.3f})   RSS plain {plain['max_rss_mb']:.0f} MB  cmc-edge "
+                  f"{cmc['max_rss_mb']:.0f} MB  (+{extra:.0f} MB)  full-vocabulary shift on {100 * full:.1f}% "
+                  f"of steps{label}")
+    print(json.dumps({m: {b: {k: v for k, v in r.items() if k != "runs"} for b, r in per.items()}
+                      for m, per in results.items()}))
     return 0
 
 
