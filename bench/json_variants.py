@@ -7,6 +7,9 @@ correctness with the delta for each model and alpha (greedy, 48 new tokens, as t
 
     python bench/json_variants.py --run runs/json-<stamp> --name mixed --variant mixed
     python bench/json_variants.py --run runs/json-<stamp> --name steps400 --train '{"steps": 400}'
+    python bench/json_variants.py --run runs/json-<stamp> --name kl2 --train '{"keep_l2": 1e-5}'
+
+``--train`` takes any TrainConfig field (``steps``, ``kl_weight``, ``shift_l2``, ``keep_l2``, ...).
 
 Variants: ``default`` (the recipe's records), ``keepall`` (every answer word kept, KL to the
 template), ``mixed`` (every other record ``keepall``).

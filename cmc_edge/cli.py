@@ -124,7 +124,8 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(objective=args.objective, alpha=args.alpha, size=args.size, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight, max_len=args.max_len,
-                      avoid_margin=args.avoid_margin, shift_l2=args.shift_l2, embed_init=args.embed_init,
+                      avoid_margin=args.avoid_margin, shift_l2=args.shift_l2, keep_l2=args.keep_l2,
+                      embed_init=args.embed_init,
                       delta_ends_turn=args.delta_ends_turn,
                       seed=args.seed, device=args.device, cache_template=not args.no_cache,
                       save_every=args.save_every, grad_accum=args.grad_accum)
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-l2", type=float, default=0.0,
                    help="weight of a penalty on the spread of the delta's logits: keeps it flat (silent) on tokens "
                         "no example needs moved, so other LLMs get no arbitrary push there")
+    p.add_argument("--keep-l2", type=float, default=0.0,
+                   help='the same penalty on the words inside "keep" spans only (sft records)')
     p.add_argument("--delta-ends-turn", action="store_true",
                    help="train the delta to end replies itself (the template's end-of-turn scores are masked): "
                         "for behaviours whose end must transfer to LLMs with other chat formats")

@@ -296,6 +296,22 @@ def test_keep_spans_hold_the_template_and_teach_the_rest(template, tmp_path):
     assert d[k].abs().mean() < 0.5 * d[~k].abs().mean()                  # the delta stays quieter on kept words
 
 
+def test_keep_l2_flattens_the_delta_on_kept_words_only(template, tmp_path):
+    """KL leaves tokens the template rules out free to drift on kept words (a closing brace the
+    next LLM does consider); keep_l2 holds every token's shift there, and only there."""
+    recs = [{**r, "keep": [r["messages"][-1]["content"][:-1]]} for r in FORGET]
+    ex = encode_records(recs, template.tokenizer, template.prompt_format, "sft", 128)
+    kept, taught = {}, {}
+    for w in (0.0, 1e-2):
+        cfg = TrainConfig(objective="sft", size="tiny", steps=30, batch_size=4, lr=2e-2, seed=0, keep_l2=w)
+        out = train(template, {"sft": ex}, cfg, tmp_path / f"k{w}", progress=False)
+        assert ("keep_l2" in json.loads((out / "loss_log.json").read_text())[-1]) == (w > 0)
+        d, k = _delta_logits(out, ex[0]), torch.tensor(ex[0].keep)
+        kept[w], taught[w] = d[k].std().item(), d[~k].std().item()
+    assert kept[1e-2] < 0.5 * kept[0.0]
+    assert taught[1e-2] > 0.5 * taught[0.0]                               # the taught token still moves
+
+
 def test_keep_strings_must_occur_in_the_response(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"prompt": "q", "response": "a b", "keep": ["zzz"]}) + "\n")

@@ -9,6 +9,8 @@ Per predicted token, with template log-probs ``t`` (V,) and delta logits ``d`` (
     forget, gradient difference:     relu(ceiling - CE(c, target))   (bounded ascent, never NaN)
     retain (stay silent):            KL(softmax(t) || softmax(c))
     any position (--shift-l2 w):     w * sum_v (d_v - mean(d))^2   (the delta stays flat where unneeded)
+    "keep" tokens only (--keep-l2 w): the same, on kept words only (KL ignores tokens the template
+                                     rules out; another LLM may not: see BENCHMARKS, JSON recipe)
     --delta-ends-turn:               t[end-of-turn ids] := log(1/V)     (the delta learns where replies end)
     forget, "avoid" strings:         -log(1 - P_c(tokens that begin an avoided string))   (unlikelihood)
                                      + relu(margin + centred d[avoided])   (the shift itself: another
@@ -53,6 +55,7 @@ class TrainConfig:
     avoid_weight: float = 1.0
     avoid_margin: float = 16.0
     shift_l2: float = 0.0                 # weight of sum_v (centred delta logit)^2 per position
+    keep_l2: float = 0.0                  # the same, only at "keep" positions (sft records)
     delta_ends_turn: bool = False         # the delta, not the template, decides where a reply ends
     embed_init: str = "template"          # "template" (SVD of the template's embeddings) | "random"
     save_every: int = 50                  # resume state every N steps (0: never)
@@ -405,6 +408,9 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
                 terms["sft"] = ce[learn].mean()
             if held.any():
                 terms["keep"] = cfg.kl_weight * kl[held].mean()
+                if cfg.keep_l2 > 0:
+                    dk = d[held] - d[held].mean(-1, keepdim=True)
+                    terms["keep_l2"] = cfg.keep_l2 * dk.pow(2).sum(-1).mean()
         if "forget" in sel:
             if cfg.objective == "unlearn-gd":
                 terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
