@@ -95,8 +95,9 @@ class KVCacheWrapper(torch.nn.Module):
 
 
 def choose_graph(config, graph: Graph = "auto") -> Literal["fused", "fused-mha", "torch"]:
-    """Which writer exports this model: ``auto`` is the fused graph wherever it covers the model."""
-    from cmc_edge.export.fused import unsupported
+    """Which writer exports this model: ``auto`` is the fused graph wherever it covers the model
+    (its GroupQueryAttention form where that covers it, else the MultiHeadAttention form)."""
+    from cmc_edge.export.fused import gqa_unsupported, unsupported
 
     if graph not in ("auto", "fused", "fused-mha", "torch"):
         raise InputError(f"unknown graph writer {graph!r}", fix="use --graph auto, fused, fused-mha or torch")
@@ -109,8 +110,6 @@ def choose_graph(config, graph: Graph = "auto") -> Literal["fused", "fused-mha",
         return "torch"
     if graph == "fused-mha":
         return graph
-    from cmc_edge.export.fused import gqa_unsupported
-
     why_gqa = gqa_unsupported(config)
     if why_gqa:
         log.info("GroupQueryAttention does not cover this delta (%s): writing the MultiHeadAttention form", why_gqa)
