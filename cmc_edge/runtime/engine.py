@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -102,14 +101,17 @@ class Delta:
         from cmc_edge.runtime.bundle import load_bundle
         from cmc_edge.runtime.onnx_delta import OnnxDelta
         from cmc_edge.tokenmap import cached_token_map, read_tokenizer_json
+        from cmc_edge.tokenmap.vocab import parse_tokenizer_json
 
         self.bundle = load_bundle(bundle_path)
         self.name = name or Path(bundle_path).name
         self.alpha = check_alpha(self.bundle.default_alpha if alpha is None else alpha)
         self.prompt_format = PromptFormat.from_dict(self.bundle.prompt_format or {})
-        self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
-        self.tail_encoding = TailEncoder.applies(json.loads(self.bundle.tokenizer_path.read_text(encoding="utf-8")))
-        delta_vocab = read_tokenizer_json(self.bundle.tokenizer_path)
+        text = self.bundle.tokenizer_path.read_text(encoding="utf-8")          # read and parsed once
+        parsed = parse_tokenizer_json(self.bundle.tokenizer_path, text)
+        self.tokenizer = Tokenizer.from_str(text)
+        self.tail_encoding = TailEncoder.applies(parsed)
+        delta_vocab = read_tokenizer_json(self.bundle.tokenizer_path, parsed)
         if delta_vocab.hash != self.bundle.delta_vocab_hash:
             raise CmcError(f"the tokenizer in {bundle_path} does not match its manifest's vocabulary hash",
                            fix="re-export the bundle with `cmc-edge export`")

@@ -275,19 +275,29 @@ def _special_tokens(path: Path) -> dict[str, str]:
     return out
 
 
-def read_tokenizer_json(path: str | Path) -> Vocab:
+def parse_tokenizer_json(path: Path, text: str | None = None) -> dict:
+    """The content of a ``tokenizer.json`` (``text``: the file's text, when already read); a clear
+    error when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8") if text is None else text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})", fix="re-save the tokenizer") from exc
+
+
+def read_tokenizer_json(path: str | Path, parsed: dict | None = None) -> Vocab:
     """Read an HF ``tokenizer.json`` (byte-level BPE, or SentencePiece-style with ``▁`` and byte fallback).
 
     Added tokens become CONTROL (``special``) or USER_DEFINED; ids that name no token are UNUSED. Roles
     come from a ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it, when present.
+    ``parsed``: the file's content already parsed by the caller (it is then not read again).
     """
     path = Path(path)
-    if not path.is_file():
+    if parsed is not None:
+        tj = parsed
+    elif not path.is_file():
         raise InputError(f"tokenizer file {path} not found", fix="point at a tokenizer.json saved by HF tokenizers")
-    try:
-        tj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc})", fix="re-save the tokenizer") from exc
+    else:
+        tj = parse_tokenizer_json(path)
     model = tj.get("model")
     if not isinstance(model, dict) or "vocab" not in model:
         raise ArtifactError(f"{path} has no model vocabulary", fix="save the tokenizer with a fast (HF tokenizers) backend")
