@@ -227,7 +227,7 @@ class OnnxDelta:
                 b.bind_ortvalue_output(present, buf)
             self._step_io = (b, emb, pos, hid, values)
         b, emb, pos, hid, _ = self._step_io
-        emb[0, 0] = self.head.E[token]
+        emb[0, 0] = self.head.embed(token)                                                # the same lookup as prefill
         pos[0, 0] = self._n_past
         self.session.run_with_iobinding(b)
         return hid[0].copy()
