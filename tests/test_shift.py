@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cmc_edge.combine import combine_np, log_softmax_np, mapped_shift_np
-from cmc_edge.runtime.shift import DeltaHead, MappedHead, add_shift_, group_rows, sampler_top_k
+from cmc_edge.runtime.shift import DeltaHead, MappedHead, add_shift_, group_rows, sampler_top_k, shifted_argmax
 
 
 def random_head(rng, v=300, d=16, scale=0.3, grouped=False):
@@ -155,3 +155,39 @@ def test_engine_top_k_path_generates_exactly_what_the_full_path_does(tiny_engine
         assert full.full_shift_steps == len(full.tokens) + (full.finish_reason == "stop")
         assert fast.full_shift_steps < full.full_shift_steps
     assert fast.tokens != off.tokens or full.tokens != off.tokens      # the deltas do change the output
+
+
+def test_shifted_argmax_is_the_greedy_token_of_the_full_shift():
+    """Random cases as above: the candidate-only argmax is the first maximum (lowest id, as
+    llama.cpp's greedy sampler picks) of the fully shifted scores, and leaves the logits unwritten."""
+    rng = np.random.default_rng(9)
+    found = 0
+    for case in range(150):
+        v_t = int(rng.integers(2, 2000))
+        head = random_head(rng, v=int(rng.integers(50, 400)), scale=float(rng.choice([0.05, 0.3, 1.0])),
+                           grouped=bool(rng.random() < 0.5))
+        m = MappedHead(head, rng.integers(0, head.vocab_size, size=v_t), rng.random(v_t) < 0.85)
+        parts = [(m, rng.normal(size=16).astype(np.float32) * float(rng.choice([0.5, 3.0])),
+                  float(rng.choice([-1.0, 1.0, 2.0])))]
+        t = (rng.normal(size=v_t) * float(rng.choice([0.5, 3.0, 10.0]))).astype(np.float32)
+        full, before = t.copy(), t.copy()
+        add_shift_(full, parts, k=None)
+        got = shifted_argmax(t, parts)
+        np.testing.assert_array_equal(t, before)
+        if got is not None:
+            found += 1
+            assert full[got] >= full.max() - 1e-4, f"case {case}"
+    assert found > 100
+
+
+def test_shifted_argmax_breaks_ties_to_the_lowest_id():
+    E = np.array([[1., 0.], [0., 1.], [-1., 0.], [0., -1.]], np.float32)
+    m = MappedHead(DeltaHead(E), index=np.array([1, 3, 1, 1]), mask=np.array([True, True, True, False]))
+    h = np.array([0., 2.], np.float32)                   # centred z = [0, 2, 0, -2]: shifts +2, -2, +2, 0
+    for t, want in (([0., 5., 3., 5.], 2),               # combined [2, 3, 5, 5]
+                    ([3., 5., 3., 5.], 0)):              # combined [5, 3, 5, 5]
+        t = np.array(t, np.float32)
+        full = t.copy()
+        add_shift_(full, [(m, h, 1.0)], k=None)
+        assert int(np.argmax(full)) == want              # numpy's argmax: the first maximum
+        assert shifted_argmax(t, [(m, h, 1.0)]) == want

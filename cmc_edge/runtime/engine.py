@@ -4,7 +4,9 @@ The loop is llama-cpp-python's own (``Llama.eval`` + the same llama.cpp sampler 
 ``create_completion`` builds), with one change: before each sample, the mapped delta shift is
 added straight into llama.cpp's logits buffer for the last position. When the sampler only reads
 the top k scores (greedy, top-k), the shift is computed only for the target tokens that can
-still reach the top k (:mod:`cmc_edge.runtime.shift`: exact, with a proof per step). Because
+still reach the top k (:mod:`cmc_edge.runtime.shift`: exact, with a proof per step); greedy
+decoding takes the best of them as the token and skips llama.cpp's sampler, which would copy
+every score into its candidate array (the token is the one that sampler picks, ties included). Because
 the loop is ours and not a ctypes callback, an error in the delta path propagates: generation stops and the
 caller gets :class:`~cmc_edge.errors.DeltaFault`; no token sampled without the filter is emitted.
 
@@ -34,7 +36,7 @@ import numpy as np
 from cmc_edge.combine import log_softmax_np
 from cmc_edge.errors import CmcError, DeltaFault, GenerationTimeout, InputError
 from cmc_edge.prompt import PromptFormat, render_prompt
-from cmc_edge.runtime.shift import MappedHead, add_shift_, sampler_top_k
+from cmc_edge.runtime.shift import MappedHead, add_shift_, sampler_top_k, shifted_argmax
 from cmc_edge.runtime.sync import DeltaTracker, TailEncoder
 
 log = logging.getLogger(__name__)
@@ -280,9 +282,14 @@ class Engine:
                             raise DeltaFault(f"delta {d.name} produced non-finite logits at token {step}",
                                              fix="re-export the bundle; check it with `cmc-edge inspect`")
                     parts = [(d.mapped, h, a) for (d, a, _), h in zip(active, states)]
-                    if not add_shift_(logits, parts, k=top_k):
+                    # greedy: the exact best candidate is the token (no sampler pass over the vocabulary)
+                    token = shifted_argmax(logits, parts) if top_k == 1 else None
+                    if token is None and not add_shift_(logits, parts, k=None if top_k == 1 else top_k):
                         gen.full_shift_steps += 1
-                token = sampler.sample(llm._ctx, -1)
+                else:
+                    token = None
+                if token is None:
+                    token = sampler.sample(llm._ctx, -1)
                 if self.target.is_eog(token):
                     gen.finish_reason = "stop"
                     break

@@ -20,7 +20,8 @@ and with ``theta`` at most the k-th largest combined score, every token with ``u
 provably outside the top k. :func:`add_shift_` computes the exact shift only for the candidates
 (``ub_t >= theta``), writes their exact combined scores and ``-inf`` elsewhere: the sampler's top k
 (and everything it samples from) is exactly what the full computation gives. When the candidate
-set would be large, or the sampler needs the whole distribution, it computes everything.
+set would be large, or the sampler needs the whole distribution, it computes everything. Greedy
+decoding needs no sampler at all: :func:`shifted_argmax` returns the best candidate.
 
 >>> E = np.array([[1., 0.], [0., 1.], [-1., 0.], [0., -1.]], np.float32)
 >>> head = DeltaHead(E)
@@ -217,6 +218,23 @@ def add_shift_(logits: np.ndarray, parts: Sequence[tuple[MappedHead, np.ndarray,
     for m, h, a in parts:
         m.shift_full(h, a, logits)
     return False
+
+
+def shifted_argmax(logits: np.ndarray, parts: Sequence[tuple[MappedHead, np.ndarray, float]], *,
+                   max_candidates: int = MAX_CANDIDATES) -> int | None:
+    """The greedy token of the combined scores, from the candidates alone; ``logits`` is not written.
+
+    Among exactly tied best scores it returns the lowest id, as llama.cpp's greedy sampler does
+    (it keeps the first maximum in id order). None where the candidate set is too large: then add
+    the full shift and sample. A greedy loop that takes this token skips llama.cpp's sampler, which
+    copies every score into a candidate array (0.45 ms a token for Gemma 3's 262k vocabulary,
+    measured here), and skips writing ``-inf`` over the vocabulary.
+    """
+    got = _top_k_candidates(logits, parts, 1, max_candidates)
+    if got is None:
+        return None
+    ids, scores = got           # every token tied with the best is among them (it bounds >= theta)
+    return int(ids[scores == scores.max()].min())
 
 
 def _top_k_candidates(T: np.ndarray, parts, k: int, max_candidates: int):
