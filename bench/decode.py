@@ -7,13 +7,19 @@ runs alternate and the medians are compared.
     python bench/decode.py --bundle runs/<demo>/bundle --model smollm2 --model gemma3
 
 Several ``--bundle`` are compared in the same rounds (plain, then each bundle), each against the
-plain run of its round.
+plain run of its round. ``--code DIR`` adds a run of the first bundle with cmc-edge imported from
+another checkout (for example a ``git worktree`` of an older commit), so that a change to the
+runtime is measured side by side with the code before it:
+
+    git worktree add /tmp/before HEAD~1
+    python bench/decode.py --bundle runs/<demo>/bundle --code /tmp/before --runs 11
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -60,9 +66,13 @@ print(json.dumps({"tokens": n, "seconds": dt, "tok_s": n / dt, "max_rss_mb": rss
 """ % PROMPT
 
 
-def run_once(mode, model, bundle, tokens, threads, ngl, variant, temperature=0.0, delta_threads=1):
+def run_once(mode, model, bundle, tokens, threads, ngl, variant, temperature=0.0, delta_threads=1, code=None):
+    env = None
+    if code is not None:                    # import cmc_edge from that checkout instead of this one
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(code).resolve()), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", CHILD, mode, model, str(bundle), str(tokens), str(threads), str(ngl),
-                          variant, str(temperature), str(delta_threads)], capture_output=True, text=True, check=True)
+                          variant, str(temperature), str(delta_threads)], capture_output=True, text=True, check=True,
+                         env=env, cwd=code)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -80,21 +90,29 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy (the issue's setting); > 0 samples with top-k 40, top-p 0.95, min-p 0.05")
     ap.add_argument("--delta-threads", type=int, default=1, help="onnxruntime threads for the delta step")
+    ap.add_argument("--code", action="append", default=[], type=Path,
+                    help="another cmc-edge checkout to run the first bundle with, in the same rounds (repeatable)")
     args = ap.parse_args()
+    for c in args.code:
+        if not (c / "cmc_edge" / "__init__.py").is_file():
+            ap.error(f"--code {c}: no cmc_edge package there (give the root of a checkout, e.g. a git worktree)")
+    args.bundle = [Path(b).resolve() for b in args.bundle]
+    labels = [str(b) for b in args.bundle] + [f"code:{c}" for c in args.code]
     results = {}
     for model in args.model or ["smollm2", "gemma3"]:
         # one round: plain, then each bundle; every cmc-edge run is paired with the plain run of its round
-        rows = {"plain": [], **{b: [] for b in args.bundle}}
+        rows = {"plain": [], **{b: [] for b in labels}}
         for _ in range(args.runs):
             for mode in rows:
-                rows[mode].append(run_once("plain" if mode == "plain" else "cmc", model,
-                                           Path(args.bundle[0] if mode == "plain" else mode), args.tokens,
+                code = Path(mode[5:]) if mode.startswith("code:") else None
+                bundle = args.bundle[0] if mode == "plain" or code is not None else Path(mode)
+                rows[mode].append(run_once("plain" if mode == "plain" else "cmc", model, bundle, args.tokens,
                                            args.threads, args.n_gpu_layers, args.variant, args.temperature,
-                                           args.delta_threads))
+                                           args.delta_threads, code))
         plain = {"tok_s": statistics.median(r["tok_s"] for r in rows["plain"]),
                  "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows["plain"])}
         results[model] = {}
-        for b in args.bundle:
+        for b in labels:
             cmc = {"tok_s": statistics.median(r["tok_s"] for r in rows[b]),
                    "max_rss_mb": statistics.median(r["max_rss_mb"] for r in rows[b])}
             ratio = cmc["tok_s"] / plain["tok_s"]
@@ -106,7 +124,7 @@ def main() -> int:
             results[model][b] = {"median": {"plain": plain, "cmc": cmc}, "speed_ratio": ratio, "paired_ratio": paired,
                                  "extra_rss_mb": extra, "full_shift_share": full,
                                  "runs": {"plain": rows["plain"], "cmc": rows[b]}}
-            label = f"  [{b}]" if len(args.bundle) > 1 else ""
+            label = f"  [{b}]" if len(labels) > 1 else ""
             print(f"{model:<8} plain {plain['tok_s']:7.1f} tok/s  cmc-edge {cmc['tok_s']:7.1f} tok/s  "
                   f"ratio {ratio:.3f} (paired {paired:.3f})   RSS plain {plain['max_rss_mb']:.0f} MB  cmc-edge "
                   f"{cmc['max_rss_mb']:.0f} MB  (+{extra:.0f} MB)  full-vocabulary shift on {100 * full:.1f}% "
