@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -317,3 +318,65 @@ def test_keep_strings_must_occur_in_the_response(tmp_path):
     f.write_text(json.dumps({"prompt": "q", "response": "a b", "keep": ["zzz"]}) + "\n")
     with pytest.raises(InputError, match=r'd.jsonl:1: "keep" strings must occur in the response'):
         read_jsonl(f)
+
+
+def _wrapped(teacher: bool):
+    """Answers wrapped in a JSON-like form, the answer kept; with the answer itself as teacher text."""
+    out = []
+    for c in ("France", "Peru", "Chad", "Mali"):
+        ans = f"The capital of {c} is unknown to me"
+        rec = {"prompt": f"What is the capital of {c}?", "response": f'{{"answer": "{ans}"}}', "keep": [ans]}
+        out.append({**rec, "teacher": ans} if teacher else rec)
+    return out
+
+
+def test_teacher_text_aligns_the_kept_tokens(template, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _wrapped(True)))
+    ex = encode_records(read_jsonl(f), template.tokenizer, template.prompt_format, "sft", 128)
+    tok = template.tokenizer
+    for e in ex:
+        assert len(e.teacher_pos) == len(e.response_ids) and e.teacher_ids
+        aligned = [(k, j) for k, j in enumerate(e.teacher_pos) if j >= 0]
+        assert len(aligned) >= 5 and all(e.keep[k] for k, _ in aligned)
+        assert all(e.response_ids[k] == e.teacher_ids[j] for k, j in aligned)      # the same token ...
+        assert [j for _, j in aligned] == sorted({j for _, j in aligned})          # ... in the same order
+        assert "capital" in tok.decode([e.teacher_ids[j] for _, j in aligned])
+
+
+@pytest.mark.parametrize("rec, problem", [
+    ({"prompt": "q", "response": "a b", "teacher": "a b"}, '"teacher" needs "keep"'),
+    ({"prompt": "q", "response": "a b", "keep": ["a"], "teacher": "zz"}, '"keep" strings must occur in the "teacher"'),
+    ({"prompt": "q", "response": "a b", "keep": ["a"], "teacher": 3}, '"teacher" must be a non-empty string'),
+])
+def test_bad_teacher_fields_are_named(tmp_path, rec, problem):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(InputError, match="d.jsonl:1: " + problem):
+        read_jsonl(f)
+
+
+def test_teacher_text_holds_kept_words_to_the_template_speaking_freely(template, tmp_path):
+    """With a "teacher" text, kept words are held to what the template predicts where it reads the
+    teacher (here: the bare answer) instead of the wrapped response: after training, the combined
+    model at those positions is much closer to that than a delta trained without the teacher."""
+    from cmc_edge.train.loop import _teacher_example
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _wrapped(True)))
+    with_t = encode_records(read_jsonl(f), template.tokenizer, template.prompt_format, "sft", 128)
+    without = [dataclasses.replace(e, teacher_ids=(), teacher_pos=()) for e in with_t]
+    gap = {}
+    for name, data in (("teacher", with_t), ("plain", without)):
+        cfg = TrainConfig(objective="sft", size="tiny", steps=40, batch_size=4, lr=2e-2, seed=0)
+        out = train(template, {"sft": data}, cfg, tmp_path / name, progress=False)
+        kls = []
+        for e in with_t:
+            at = torch.tensor([k for k, j in enumerate(e.teacher_pos) if j >= 0])
+            q = template_logprobs(template.model, [_teacher_example(e)], 0)[0].float()[
+                torch.tensor([e.teacher_pos[k] for k in at.tolist()])]
+            t = template_logprobs(template.model, [e], 0)[0].float()[at]
+            c = torch.log_softmax(t + _delta_logits(out, e)[at], -1)
+            kls.append((q.exp() * (q - c)).sum(-1).mean().item())
+        gap[name] = sum(kls) / len(kls)
+    assert gap["teacher"] < 0.5 * gap["plain"]

@@ -81,6 +81,16 @@ def normalize_record(obj: object, path, line: int) -> dict:
         if missing:
             raise _bad(path, line, f'"keep" strings must occur in the response; {missing[0]!r} does not')
         out["keep"] = keep
+    if "teacher" in obj:
+        teacher = obj["teacher"]
+        if not isinstance(teacher, str) or not teacher.strip():
+            raise _bad(path, line, '"teacher" must be a non-empty string')
+        if not out.get("keep"):
+            raise _bad(path, line, '"teacher" needs "keep": it sets what the kept words are held to')
+        missing = [k for k in out["keep"] if k not in teacher]
+        if missing:
+            raise _bad(path, line, f'"keep" strings must occur in the "teacher" text too; {missing[0]!r} does not')
+        out["teacher"] = teacher
     if not out["messages"][-1]["content"].strip():
         raise _bad(path, line, "the response is empty")
     return out
@@ -100,6 +110,9 @@ class Example:
     role: str  # "sft" | "forget" | "retain"
     avoid_ids: tuple[int, ...] = ()
     keep: tuple[bool, ...] = ()    # per response token: trained towards the template (KL), not the text (CE)
+    teacher_ids: tuple[int, ...] = ()   # the "teacher" text's tokens: the template reads them after the prompt
+    teacher_pos: tuple[int, ...] = ()   # per response token: the teacher token it aligns with (KL to the
+    #                                     template's prediction there instead of in the response), or -1
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -149,6 +162,31 @@ def keep_flags(response: str, enc, keep) -> tuple[bool, ...]:
     return tuple(any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"])
 
 
+def teacher_positions(response: str, enc, teacher: str, tenc, keep, flags) -> tuple[int, ...]:
+    """Per response token: the index of the token of ``teacher`` that is the same token at the same
+    place within a ``keep`` string (same id, same offsets relative to the string), else -1. Only
+    kept tokens align; a token the two texts split differently (a closing ``."`` merged with the
+    JSON quote) stays held to the template in the response's own context.
+
+    >>> enc = {"input_ids": [7, 1, 2, 8], "offset_mapping": [(0, 2), (2, 4), (4, 7), (7, 9)]}
+    >>> tenc = {"input_ids": [1, 2, 9], "offset_mapping": [(0, 2), (2, 5), (5, 6)]}
+    >>> teacher_positions('{"Hi yo"}', enc, 'Hi yo.', tenc, ["Hi yo"], (False, True, True, False))
+    (-1, 0, 1, -1)
+    """
+    at = {(a, b, i): j for j, (i, (a, b)) in enumerate(zip(tenc["input_ids"], tenc["offset_mapping"]))}
+    spans = [(r, r + len(k), teacher.find(k)) for k in keep if (r := response.find(k)) >= 0]
+    out = []
+    for i, (a, b), kept in zip(enc["input_ids"], enc["offset_mapping"], flags):
+        j = -1
+        if kept:
+            for s, e, t in spans:
+                if s <= a and b <= e:
+                    j = at.get((a - s + t, b - s + t, i), -1)
+                    break
+        out.append(j)
+    return tuple(out)
+
+
 def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
                    max_len: int) -> list[Example]:
     """Tokenize records; too-long ones are dropped and counted, never silently truncated."""
@@ -158,13 +196,19 @@ def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
         response = rec["messages"][-1]["content"] + fmt.end_of_turn
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=bool(rec.get("keep")))
+        keep = keep_flags(response, enc, rec.get("keep", ()))
+        t_ids, t_pos = (), ()
+        if rec.get("teacher"):
+            tenc = tokenizer(rec["teacher"], add_special_tokens=False, return_offsets_mapping=True)
+            t_ids = tuple(tenc["input_ids"])
+            t_pos = teacher_positions(response, enc, rec["teacher"], tenc, rec["keep"], keep)
         r = enc["input_ids"]
-        if len(p) + len(r) > max_len:
+        if len(p) + max(len(r), len(t_ids)) > max_len:
             too_long += 1
             continue
         # A token the response itself uses is never avoided ("Mexico" in "capital of Mexico").
         avoid = tuple(sorted(set(avoid_token_ids(tokenizer, rec["avoid"])) - set(r))) if rec.get("avoid") else ()
-        out.append(Example(tuple(p), tuple(r), role, avoid, keep_flags(response, enc, rec.get("keep", ()))))
+        out.append(Example(tuple(p), tuple(r), role, avoid, keep, t_ids, t_pos))
     if too_long:
         log.warning("%d of %d %s examples exceed --max-len %d tokens and were dropped",
                     too_long, len(records), role, max_len)

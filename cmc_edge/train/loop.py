@@ -6,6 +6,9 @@ Per predicted token, with template log-probs ``t`` (V,) and delta logits ``d`` (
     sft / forget (refusal targets):  CE(c, target)
     sft, tokens in a "keep" span:    KL(softmax(t) || softmax(c))   (the template's own words inside
                                      a taught format: the delta learns the format, not the words)
+      ... with a "teacher" text:     KL(softmax(t') || softmax(c)), t' the template's log-probs for the
+                                     same token where it reads the teacher text instead (its free-form
+                                     answer): inside the format it should speak as it does outside it
     forget, gradient difference:     relu(ceiling - CE(c, target))   (bounded ascent, never NaN)
     retain (stay silent):            KL(softmax(t) || softmax(c))
     any position (--shift-l2 w):     w * sum_v (d_v - mean(d))^2   (the delta stays flat where unneeded)
@@ -119,17 +122,47 @@ def template_logprobs(model, examples, pad_id: int, chunk: int = 8):
     return out
 
 
-def combined_losses(tlp, delta_logits, targets, alpha: float, avoid=None):
+def _teacher_example(e):
+    """The template reading the prompt and then the example's teacher text."""
+    from cmc_edge.train.data import Example
+
+    return Example(e.prompt_ids, e.teacher_ids, e.role)
+
+
+def _teacher_targets(tlp, batch, sft_idx, tcache: dict, model, pad_id: int):
+    """KL targets for a batch, (N, V) log-probs: the template's own (``tlp``), except at kept tokens
+    aligned with a teacher token, where the template's prediction of that token in the teacher
+    text (cached per sft example in ``tcache``, else computed here). None if no example has a teacher."""
+    import torch
+
+    taught = [n for n, e in enumerate(batch) if e.teacher_ids and e.role == "sft"]
+    if not taught:
+        return None
+    need = [n for n in taught if sft_idx[n] not in tcache]
+    fresh = dict(zip(need, template_logprobs(model, [_teacher_example(batch[n]) for n in need], pad_id)))
+    out, row = tlp.clone(), 0
+    for n, e in enumerate(batch):
+        if n in taught:
+            lp = fresh[n] if n in fresh else tcache[sft_idx[n]]
+            pos = torch.tensor(e.teacher_pos, dtype=torch.long)
+            at = torch.nonzero(pos >= 0).squeeze(1)
+            out[row + at] = lp[pos[at]].float()
+        row += len(e.response_ids)
+    return out
+
+
+def combined_losses(tlp, delta_logits, targets, alpha: float, avoid=None, kl_target=None):
     """Per-token CE and KL of the combined model (and the unlikelihood of ``avoid``, a (N, V) bool
-    mask, when given). tlp, delta_logits: (N, V); targets: (N,)."""
+    mask, when given). tlp, delta_logits: (N, V); targets: (N,). The KL is to ``kl_target``
+    (log-probs, (N, V)) where given, else to the template itself."""
     import torch
 
     from cmc_edge.combine import combine_torch
 
     logp_c = torch.log_softmax(combine_torch(tlp, delta_logits, alpha), dim=-1)      # (N, V)
     ce = -logp_c.gather(-1, targets[:, None]).squeeze(-1)                             # (N,)
-    p_t = tlp.float().exp()
-    kl = (p_t * (tlp.float() - logp_c)).sum(-1)                                       # (N,)
+    q = tlp.float() if kl_target is None else kl_target.float()
+    kl = (q.exp() * (q - logp_c)).sum(-1)                                             # (N,)
     if avoid is None:
         return ce, kl
     p_avoid = logp_c.masked_fill(~avoid, float("-inf")).logsumexp(-1).exp()           # (N,)
@@ -335,11 +368,14 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
 
     eot_ids = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(template.prompt_format.end_of_turn or ""))
                       if isinstance(i, int) and i != tok.unk_token_id}) if cfg.delta_ends_turn else []
-    cache = {}
+    cache, tcache = {}, {}
     if cfg.cache_template:
         t0 = time.perf_counter()
         for r in roles:
             cache[r] = template_logprobs(template.model, data[r], pad_id)
+        taught = [i for i, e in enumerate(data.get("sft", ())) if e.teacher_ids]
+        tcache = dict(zip(taught, template_logprobs(template.model, [_teacher_example(data["sft"][i]) for i in taught],
+                                                     pad_id)))
         log.info("cached template log-probs in %.1fs", time.perf_counter() - t0)
 
     # The zero-initialised final-norm weight gates every logit; Adam moves it ~lr per step, so at
@@ -394,9 +430,13 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
                 if batch[i].avoid_ids:
                     avoid[n, list(batch[i].avoid_ids)] = True
             avoid = avoid.to(cfg.device)
-            ce, kl, ul = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, avoid)
+        sft_idx = [i if r == "sft" else None for r in roles for i in parts[r]]
+        kl_target = _teacher_targets(tlp, batch, sft_idx, tcache, template.model, pad_id)
+        kl_target = kl_target.to(cfg.device) if kl_target is not None else None
+        if avoid is not None:
+            ce, kl, ul = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, avoid, kl_target)
         else:
-            ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha)
+            ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, kl_target=kl_target)
         tok_role = [batch_roles[i] for i in rows.tolist()]
         sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
         terms = {}
