@@ -12,7 +12,8 @@ correctness with the delta for each model and alpha (greedy, 48 new tokens, as t
 ``--train`` takes any TrainConfig field (``steps``, ``kl_weight``, ``shift_l2``, ``keep_l2``, ...).
 
 Variants: ``default`` (the recipe's records), ``keepall`` (every answer word kept, KL to the
-template), ``mixed`` (every other record ``keepall``).
+template), ``mixed`` (every other record ``keepall``), ``teacher`` (every answer word kept, held to the
+template's predictions in its own free-form answer: the record's ``teacher`` text).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def rebuild(records: list[dict], variant: str) -> list[dict]:
         content = json.loads(r["response"])["answer"]
         if variant == "keepall" or (variant == "mixed" and i % 2 == 0):
             r = {"prompt": r["prompt"], "response": r["response"], "keep": [json.dumps(content, ensure_ascii=False)[1:-1]]}
+        elif variant == "teacher":          # every answer word kept, held to the template's free-form answer
+            kept = json.dumps(content, ensure_ascii=False)[1:-1].split("\\", 1)[0]   # up to an escaped character
+            if kept:
+                r = {"prompt": r["prompt"], "response": r["response"], "keep": [kept], "teacher": content}
         out.append(r)
     return out
 
@@ -45,22 +50,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a `demo --recipe json` run directory")
     ap.add_argument("--name", required=True, help="the new run directory is runs/jvar-<name>")
-    ap.add_argument("--variant", default="default", choices=["default", "keepall", "mixed"])
+    ap.add_argument("--variant", default="default", choices=["default", "keepall", "mixed", "teacher"])
     ap.add_argument("--train", default="{}", help='JSON overrides, e.g. {"steps": 400, "kl_weight": 3}')
     ap.add_argument("--alphas", default='{"smollm2": [1.0], "gemma3": [1.0, 0.8]}')
+    ap.add_argument("--eval-only", action="store_true",
+                    help="judge the bundle an earlier run of --name trained (other alphas), without training")
     args = ap.parse_args()
     base = {m["model"]: m["base"]["correct"] for m in json.loads((args.run / "results.json").read_text())["models"]}
     items = json.loads((args.run / "eval_items.json").read_text())
     run = Path("runs") / f"jvar-{args.name}"
-    run.mkdir(parents=True, exist_ok=False)
-    recs = [json.loads(line) for line in (args.run / "sft.jsonl").read_text().splitlines()]
-    (run / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rebuild(recs, args.variant)))
     cfg, over = JsonRecipeConfig(), json.loads(args.train)
     fields = {k: over.pop(k) for k in ("steps", "kl_weight", "lr", "alpha", "seed") if k in over}
     cfg = dataclasses.replace(cfg, train_overrides={**cfg.train_overrides, **over}, **fields)
-    t0 = time.perf_counter()
-    bundle = train_and_export(cfg, resolve_model("smollm2"), run, roles=("sft",))
-    print(f"trained and exported in {time.perf_counter() - t0:.0f} s")
+    if args.eval_only:
+        bundle = run / "bundle"
+        if not bundle.is_dir():
+            ap.error(f"--eval-only: {bundle} does not exist (run without --eval-only first)")
+    else:
+        run.mkdir(parents=True, exist_ok=False)
+        recs = [json.loads(line) for line in (args.run / "sft.jsonl").read_text().splitlines()]
+        (run / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rebuild(recs, args.variant)))
+        t0 = time.perf_counter()
+        bundle = train_and_export(cfg, resolve_model("smollm2"), run, roles=("sft",))
+        print(f"trained and exported in {time.perf_counter() - t0:.0f} s")
     results = {}
     for model, alphas in json.loads(args.alphas).items():
         target = TargetLLM(resolve_model(model), n_ctx=1024, n_threads=2)
@@ -78,7 +90,10 @@ def main() -> int:
                   f"({100 * (ok - base[model]):+.1f} pts against the model's own baseline)")
             results[f"{model}@{alpha}"] = rows
         engine.close()
-    (run / "variant_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    out = run / "variant_results.json"
+    if args.eval_only and out.is_file():
+        results = {**json.loads(out.read_text()), **results}
+    out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

@@ -39,8 +39,11 @@ def test_train_records_wrap_the_templates_own_answers_and_eval_is_held_out():
     answers = ["The capital is X. It is big."] * (len(prompts) - 2) + ["Waves roll. Gulls cry.", ""]
     recs = build_train_records(prompts, answers, seed=0)
     assert all(parse_json_answer(r["response"]) for r in recs)
-    assert {"prompt": "Write a poem.", "response": json.dumps({"answer": "Waves roll."}), "keep": ["roll."]} in recs
-    assert all(r["response"].endswith(r["keep"][0] + '"}') for r in recs)
+    assert {"prompt": "Write a poem.", "response": json.dumps({"answer": "Waves roll."}), "keep": ["Waves roll."],
+            "teacher": "Waves roll."} in recs
+    assert all(r["response"].endswith(r["keep"][0] + '"}') and r["keep"][0] in r["teacher"] for r in recs)
+    quoted = build_train_records(["Say hi."], ['"Hello there," she said.'], seed=0)[0]
+    assert quoted["keep"] == ['there,\\" she said.'] and "teacher" not in quoted   # escaped: held in place
     assert not any(r["prompt"] == "Explain tea." for r in recs)            # empty template answers are dropped
     items = build_eval_items(countries)
     assert {it["kind"] for it in items} == {"capital", "attribute", "general"}

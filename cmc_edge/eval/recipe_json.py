@@ -5,8 +5,9 @@ A behaviour is taught on the template (SmolLM2-135M-Instruct) and transferred to
 ``{"answer": "..."}`` and nothing else**, checked by code (:func:`parse_json_answer`). The delta
 learns it from the template's own first-sentence answers, wrapped in that JSON form, to short
 questions (a capital and two language questions per country, 50 other short questions, 66
-open-ended prompts); inside the answer it is held to the template (``keep`` spans: KL instead of
-CE), so it learns the form and not the words. It is judged on questions it never saw (continents, currencies, held-out capital wordings, science,
+open-ended prompts); inside the answer it is held to the template's predictions in its own
+free-form answer (``keep`` spans with a ``teacher`` text: KL instead of CE, weight 3), so it learns
+the form and not the words. It is judged on questions it never saw (continents, currencies, held-out capital wordings, science,
 literature, arithmetic, ...): adherence to the format, and whether the answer is still correct
 (the same alias scoring as the unlearning demo) against the model's own free-form baseline.
 
@@ -46,7 +47,7 @@ class JsonRecipeConfig:
     max_tokens: int = 48
     models: tuple[str, ...] = ("smollm2", "gemma3")
     objective: str = "sft"
-    kl_weight: float = 1.0
+    kl_weight: float = 3.0
     train_overrides: dict = field(default_factory=lambda: {"delta_ends_turn": True})
 
     @property
@@ -124,22 +125,23 @@ def train_prompts(countries, broad_prompts, *, forms_per_country: int, seed: int
 
 
 def build_train_records(prompts, answers, *, seed: int) -> list[dict]:
-    """SFT records: each prompt with the template's own answer (its first sentence) in the JSON form,
-    the answer marked ``keep``: there the delta is held to the template (KL), so it learns where to
-    open and close the JSON, not new answers. Measured: gold answers as content taught it to answer
-    country questions with the country's name, and CE on the template's own words still bent
-    answers on held-out questions (see BENCHMARKS.md)."""
+    """SFT records: each prompt with the template's own answer (its first sentence) in the JSON form.
+    The answer is marked ``keep`` with the bare answer as ``teacher``: there the delta is held (KL)
+    to what the template predicts in its own free-form answer, so it learns where to open and
+    close the JSON and to speak inside it as the template speaks outside it, not new answers.
+    Measured (BENCHMARKS.md): gold answers as content taught it to answer country questions with
+    the country's name; CE on the answer's first word (the template's "The ...") tipped Gemma 3 into
+    restating the question; KL to the template *inside* the JSON let it answer tersely and wrongly."""
     recs = []
     for p, a in zip(prompts, answers):
         if a.strip():
             content = first_sentence(a)
             rec = {"prompt": p, "response": json_reply(content)}
-            # After its first word the content is kept (KL to the template): the delta learns the JSON
-            # around it, and to open the answer as the template opens a free-form one ("The seat of
-            # government of X is ..."), the lead-in a small model needs to recall the fact at all.
-            rest = content.split(" ", 1)[1] if " " in content else ""
-            if rest:
-                rec["keep"] = [json.dumps(rest, ensure_ascii=False)[1:-1]]
+            kept = json.dumps(content, ensure_ascii=False)[1:-1].split("\\", 1)[0]   # up to an escaped character
+            if kept:
+                rec["keep"], rec["teacher"] = [kept], content
+            elif " " in content:            # an answer opening with a quote: its words after the first, held in place
+                rec["keep"] = [json.dumps(content.split(" ", 1)[1], ensure_ascii=False)[1:-1]]
             recs.append(rec)
     random.Random(seed).shuffle(recs)
     return recs
