@@ -53,11 +53,36 @@ def top(scores, k):
     return order, scores[order]
 
 
+def test_whole_vocabulary_bound_and_per_token_ranges_hold_every_shift():
+    rng = np.random.default_rng(6)
+    for grouped in (False, True):
+        head = random_head(rng, grouped=grouped)
+        m = MappedHead(head, rng.integers(0, 300, size=500), rng.random(500) < 0.8)
+        for alpha in (-1.5, 0.7):
+            h = rng.normal(size=16).astype(np.float32) * 2
+            full = np.zeros(500, np.float32)
+            m.shift_full(h, alpha, full)
+            bound = m.shift_bound(h, alpha)
+            assert np.all(np.abs(full) <= bound) and bound < 10 * np.abs(full).max()
+            ids = rng.choice(500, size=80)
+            lo, hi = m.shift_range_at(h, alpha, ids)
+            glo, ghi = m.shift_range(h, alpha)
+            np.testing.assert_allclose(lo, glo[m.tlabel[ids]], atol=1e-5)
+            np.testing.assert_allclose(hi, ghi[m.tlabel[ids]], atol=1e-5)
+            assert np.all(lo <= full[ids]) and np.all(full[ids] <= hi)
+            assert np.all(lo[~m.mask[ids]] <= 0) and np.all(hi[~m.mask[ids]] >= 0)
+
+
+@pytest.mark.parametrize("gather", [0, 2048])
 @pytest.mark.parametrize("k", [1, 5, 40])
-def test_top_k_path_is_exact(k):
+def test_top_k_path_is_exact(k, gather, monkeypatch):
     """Over many random cases (flat and peaked target logits, one or two deltas, either sign of
     alpha, strong and weak deltas): the top k from the fast path equal the full computation's,
-    ids and scores, and every other score is -inf."""
+    ids and scores, and every other score is -inf. (gather 0: the pool's bounds from every
+    group's range; 2048: from its own tokens' groups.)"""
+    import cmc_edge.runtime.shift as shift_mod
+
+    monkeypatch.setattr(shift_mod, "GATHER_POOL", gather)
     rng = np.random.default_rng(k)
     fast_taken = 0
     for case in range(150):
