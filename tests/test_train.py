@@ -380,3 +380,14 @@ def test_teacher_text_holds_kept_words_to_the_template_speaking_freely(template,
             kls.append((q.exp() * (q - c)).sum(-1).mean().item())
         gap[name] = sum(kls) / len(kls)
     assert gap["teacher"] < 0.5 * gap["plain"]
+
+
+def test_resume_key_tells_teacher_data_apart(template, tmp_path):
+    from cmc_edge.train.loop import _config_key
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _wrapped(True)))
+    with_t = encode_records(read_jsonl(f), template.tokenizer, template.prompt_format, "sft", 128)
+    without = [dataclasses.replace(e, teacher_ids=(), teacher_pos=()) for e in with_t]
+    cfg = TrainConfig(objective="sft", size="tiny", steps=4)
+    assert _config_key(cfg, {"sft": with_t}) != _config_key(cfg, {"sft": without})

@@ -248,7 +248,8 @@ def _config_key(cfg: TrainConfig, data: dict) -> str:
     import hashlib
 
     same = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "device")}
-    sizes = {r: [len(e.ids) for e in data[r]] for r in sorted(data) if data[r]}
+    sizes = {r: [[len(e.ids), len(e.teacher_ids)] if e.teacher_ids else len(e.ids) for e in data[r]]
+             for r in sorted(data) if data[r]}
     return hashlib.sha256(json.dumps([same, sizes], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
