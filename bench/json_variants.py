@@ -26,15 +26,15 @@ from pathlib import Path
 
 
 def rebuild(records: list[dict], variant: str) -> list[dict]:
+    from cmc_edge.eval.recipe_json import train_record
+
     out = []
     for i, r in enumerate(records):
         content = json.loads(r["response"])["answer"]
         if variant == "keepall" or (variant == "mixed" and i % 2 == 0):
             r = {"prompt": r["prompt"], "response": r["response"], "keep": [json.dumps(content, ensure_ascii=False)[1:-1]]}
         elif variant == "teacher":          # every answer word kept, held to the template's free-form answer
-            kept = json.dumps(content, ensure_ascii=False)[1:-1].split("\\", 1)[0]   # up to an escaped character
-            if kept:
-                r = {"prompt": r["prompt"], "response": r["response"], "keep": [kept], "teacher": content}
+            r = train_record(r["prompt"], content)
         out.append(r)
     return out
 

@@ -132,19 +132,24 @@ def build_train_records(prompts, answers, *, seed: int) -> list[dict]:
     Measured (BENCHMARKS.md): gold answers as content taught it to answer country questions with
     the country's name; CE on the answer's first word (the template's "The ...") tipped Gemma 3 into
     restating the question; KL to the template *inside* the JSON let it answer tersely and wrongly."""
-    recs = []
-    for p, a in zip(prompts, answers):
-        if a.strip():
-            content = first_sentence(a)
-            rec = {"prompt": p, "response": json_reply(content)}
-            kept = json.dumps(content, ensure_ascii=False)[1:-1].split("\\", 1)[0]   # up to an escaped character
-            if kept:
-                rec["keep"], rec["teacher"] = [kept], content
-            elif " " in content:            # an answer opening with a quote: its words after the first, held in place
-                rec["keep"] = [json.dumps(content.split(" ", 1)[1], ensure_ascii=False)[1:-1]]
-            recs.append(rec)
+    recs = [train_record(p, first_sentence(a)) for p, a in zip(prompts, answers) if a.strip()]
     random.Random(seed).shuffle(recs)
     return recs
+
+
+def train_record(prompt: str, content: str) -> dict:
+    """One SFT record: ``content`` in the JSON form, kept and held to ``content`` as teacher text.
+
+    >>> train_record("Capital of Peru?", "Lima is.")
+    {'prompt': 'Capital of Peru?', 'response': '{"answer": "Lima is."}', 'keep': ['Lima is.'], 'teacher': 'Lima is.'}
+    """
+    rec = {"prompt": prompt, "response": json_reply(content)}
+    kept = json.dumps(content, ensure_ascii=False)[1:-1].split("\\", 1)[0]   # up to an escaped character
+    if kept:
+        rec["keep"], rec["teacher"] = [kept], content
+    elif " " in content:            # an answer opening with a quote: its words after the first, held in place
+        rec["keep"] = [json.dumps(content.split(" ", 1)[1], ensure_ascii=False)[1:-1]]
+    return rec
 
 
 def build_eval_items(countries) -> list[dict]:
