@@ -10,7 +10,12 @@ shift-invariant, so ``softmax(T + s) == softmax(log_softmax(T) + s)`` and no ful
 log_softmax is needed (:mod:`cmc_edge.runtime.shift` adds it in place). The delta's logits
 are centred (mean over the delta vocabulary subtracted) before mapping, so that a target token
 without a counterpart (shift 0) keeps the delta's *average* preference instead of an
-arbitrary absolute level.
+arbitrary absolute level. Both rules are written here once: :func:`combine_np` /
+:func:`combine_torch` and :func:`centred_np` / :func:`centred_torch`. Training's loss terms
+(:mod:`cmc_edge.train.objectives`: the avoid hinge and the L2 terms act on the centred delta
+logits, which are the shift at alpha 1), the INT8 check at export, and the runtime's shift all
+use them; the runtime's in-place fast paths (``E[rows] @ h - mean_row @ h`` for a few tokens) are
+the same centring by linearity and are tested equal to :func:`mapped_shift_np`.
 
 >>> import numpy as np
 >>> t = np.array([[2.0, 1.0, 0.0]], dtype=np.float32)
@@ -25,7 +30,9 @@ import numpy as np
 
 
 def log_softmax_np(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+    """Normalised log-probs along ``axis``: float64 in, float64 out; anything else in, float32 out."""
+    x = np.asarray(x)
+    x = x if x.dtype == np.float64 else x.astype(np.float32, copy=False)
     m = x.max(axis=axis, keepdims=True)
     z = x - m
     return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
@@ -44,9 +51,16 @@ def combine_torch(template_logits, delta_logits, alpha: float):
 
 
 def centred_np(delta_logits: np.ndarray) -> np.ndarray:
-    """Delta logits minus their mean over the delta vocabulary. (V_d,) -> (V_d,)"""
+    """Delta logits minus their mean over the delta vocabulary (the last axis; the mean is
+    accumulated in float64). (..., V_d) -> (..., V_d) float32"""
     d = np.asarray(delta_logits, dtype=np.float32)
-    return d - d.mean(dtype=np.float64).astype(np.float32)
+    return d - d.mean(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+
+
+def centred_torch(delta_logits):
+    """Torch twin of :func:`centred_np` (differentiable; the mean in the input's precision, as
+    training has always computed it). (..., V_d) -> (..., V_d)"""
+    return delta_logits - delta_logits.mean(-1, keepdim=True)
 
 
 def mapped_shift_np(delta_logits: np.ndarray, index: np.ndarray, mask: np.ndarray,

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from cmc_edge.combine import centred_torch  # noqa: E402
 from cmc_edge.errors import InputError  # noqa: E402
 from cmc_edge.train.data import encode_records, read_jsonl  # noqa: E402
 from cmc_edge.train.loop import TrainConfig, combined_losses, template_logprobs, train  # noqa: E402
@@ -259,7 +260,7 @@ def _delta_logits(ckpt, ex):
     with torch.no_grad():
         d = delta(torch.tensor([ex.ids])).logits[0]                       # (L, V)
     r = len(ex.response_ids)
-    return d[-r - 1:-1] - d[-r - 1:-1].mean(-1, keepdim=True)            # centred, at the response positions
+    return centred_torch(d[-r - 1:-1])                                   # the shift, at the response positions
 
 
 def test_shift_l2_keeps_the_delta_flat_where_nothing_needs_moving(template, tmp_path):

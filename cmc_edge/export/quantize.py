@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmc_edge.combine import centred_np, log_softmax_np
 from cmc_edge.errors import ExportValidationError
 from cmc_edge.runtime.bundle import OnnxSpec
 
@@ -54,18 +55,13 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> Path:
     return out_path
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
 def agreement(ref: np.ndarray, got: np.ndarray, k: int = 5) -> dict:
     """How closely ``got`` logits follow ``ref``, row by row. (N, V), (N, V) -> dict"""
     k = min(k, ref.shape[-1])
     top_ref = np.argpartition(-ref, k - 1, axis=-1)[:, :k]                          # (N, k)
     top_got = np.argpartition(-got, k - 1, axis=-1)[:, :k]                          # (N, k)
     am_got = got.argmax(-1)                                                         # (N,)
-    lr, lg = _log_softmax(ref.astype(np.float64)), _log_softmax(got.astype(np.float64))
+    lr, lg = log_softmax_np(ref.astype(np.float64)), log_softmax_np(got.astype(np.float64))
     return {
         "top1_agreement": float(np.mean(ref.argmax(-1) == am_got)),
         f"top1_in_top{k}": float(np.mean((top_ref == am_got[:, None]).any(-1))),
@@ -85,7 +81,7 @@ def compare_int8(fp32_path: str | Path, int8_path: str | Path, spec: OnnxSpec, e
     ids = validation_ids(spec.vocab_size, sum(INT8_CHUNKS), seed=1)
     ref = onnx_logits(fp32_path, spec, embedding, ids, INT8_CHUNKS)      # (N, V)
     got = onnx_logits(int8_path, spec, embedding, ids, INT8_CHUNKS)      # (N, V)
-    shift_error = float(np.abs((got - got.mean(-1, keepdims=True)) - (ref - ref.mean(-1, keepdims=True))).max())
+    shift_error = float(np.abs(centred_np(got) - centred_np(ref)).max())   # the shift at alpha 1
     report = {**agreement(ref, got, k=5), "positions": len(ids), "shift_error": shift_error,
               "max_shift_error": max_shift_error}
     log.info("INT8 vs fp32: largest shift change %.3g nats, top-1 agreement %.3f, top-1 in top-5 %.3f",

@@ -1,27 +1,20 @@
 """The CMC training loop: only the delta learns; the template is frozen (and optionally cached).
 
-Per predicted token, with template log-probs ``t`` (V,) and delta logits ``d`` (V,)::
+Per predicted token, with template log-probs ``t`` (V,) and delta logits ``d`` (V,), the combined
+model is ``c = log_softmax(t) + alpha * d`` (:func:`cmc_edge.combine.combine_torch`). The loss terms
+are pure functions of the batch, ``d`` and ``t`` (:mod:`cmc_edge.train.objectives`, which lists
+them): CE towards refusals and taught text, KL to the template (or a teacher text) on kept words
+and retain records, bounded ascent (unlearn-gd), unlikelihood plus a hinge on avoided tokens, and
+L2 on the centred delta logits. This module draws the batches, runs the delta, sums the terms,
+steps and logs; it also owns what needs the template model:
 
-    c = log_softmax(t) + alpha * d                      # cmc_edge.combine.combine_torch
-    sft / forget (refusal targets):  CE(c, target)
-    sft, tokens in a "keep" span:    KL(softmax(t) || softmax(c))   (the template's own words inside
-                                     a taught format: the delta learns the format, not the words)
-      ... with a "teacher" text:     KL(softmax(t') || softmax(c)), t' the template's log-probs for the
-                                     same token where it reads the teacher text instead (its free-form
-                                     answer): inside the format it should speak as it does outside it
-    forget, gradient difference:     relu(ceiling - CE(c, target))   (bounded ascent, never NaN)
-    retain (stay silent):            KL(softmax(t) || softmax(c))
-    any position (--shift-l2 w):     w * sum_v (d_v - mean(d))^2   (the delta stays flat where unneeded)
-    "keep" tokens only (--keep-l2 w): the same, on kept words only (KL ignores tokens the template
-                                     rules out; another LLM may not: see BENCHMARKS, JSON recipe)
-    --delta-ends-turn:               t[end-of-turn ids] := log(1/V)     (the delta learns where replies end)
-    forget, "avoid" strings:         -log(1 - P_c(tokens that begin an avoided string))   (unlikelihood)
-                                     + relu(margin + centred d[avoided])   (the shift itself: another
-                                     LLM may be surer of the answer than the template, so the delta's
-                                     own push-down must not depend on the template's probability)
-
-Loss positions are the response tokens only. Template log-probs are computed once per example
-under no_grad and kept (float16) when ``cache_template`` is on, so later steps run the delta only.
+- Template log-probs at the loss positions (the response tokens), computed once per example under
+  no_grad and kept (float16) when ``cache_template`` is on, so later steps run the delta only.
+- Teacher targets: at kept tokens aligned with a "teacher" text, the template's prediction where it
+  reads that text instead (its free-form answer): inside a taught format it should speak as it
+  does outside it.
+- ``--delta-ends-turn``: the template's end-of-turn scores are replaced by log(1/V), so the delta
+  learns where replies end.
 """
 
 from __future__ import annotations
@@ -37,6 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 from cmc_edge.errors import CmcError, InputError
+from cmc_edge.train.objectives import batch_from_examples, loss_terms
+from cmc_edge.train.objectives import combined_losses  # noqa: F401  (public here too: tests and recipes import it)
 
 log = logging.getLogger(__name__)
 
@@ -149,25 +144,6 @@ def _teacher_targets(tlp, batch, sft_idx, tcache: dict, model, pad_id: int):
             out[row + at] = lp[pos[at]].float()
         row += len(e.response_ids)
     return out
-
-
-def combined_losses(tlp, delta_logits, targets, alpha: float, avoid=None, kl_target=None):
-    """Per-token CE and KL of the combined model (and the unlikelihood of ``avoid``, a (N, V) bool
-    mask, when given). tlp, delta_logits: (N, V); targets: (N,). The KL is to ``kl_target``
-    (log-probs, (N, V)) where given, else to the template itself."""
-    import torch
-
-    from cmc_edge.combine import combine_torch
-
-    logp_c = torch.log_softmax(combine_torch(tlp, delta_logits, alpha), dim=-1)      # (N, V)
-    ce = -logp_c.gather(-1, targets[:, None]).squeeze(-1)                             # (N,)
-    q = tlp.float() if kl_target is None else kl_target.float()
-    kl = (q.exp() * (q - logp_c)).sum(-1)                                             # (N,)
-    if avoid is None:
-        return ce, kl
-    p_avoid = logp_c.masked_fill(~avoid, float("-inf")).logsumexp(-1).exp()           # (N,)
-    ul = -torch.log1p(-p_avoid.clamp(max=1 - 1e-6))
-    return ce, kl, ul
 
 
 def _distributed(device: str):
@@ -407,15 +383,11 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     t_start, n_tok = time.perf_counter(), 0
     def micro_step():
         """Draw one micro-batch, return (loss, terms, tokens)."""
-        parts = {}
-        for r in roles:
-            idx = torch.randint(len(data[r]), (share[r],), generator=gen).tolist()
-            parts[r] = idx
-        batch = [data[r][i] for r in roles for i in parts[r]]
-        batch_roles = [r for r in roles for _ in parts[r]]
+        picks = [(r, i) for r in roles for i in torch.randint(len(data[r]), (share[r],), generator=gen).tolist()]
+        batch = [data[r][i] for r, i in picks]
         ids, mask, rows, cols, targets = _pad_batch(batch, pad_id)
         if cfg.cache_template:
-            tlp = torch.cat([cache[r][i] for r in roles for i in parts[r]]).float()
+            tlp = torch.cat([cache[r][i] for r, i in picks]).float()
         else:
             tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
         if eot_ids:
@@ -424,58 +396,12 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
             # replaced by a uniform guess, so the delta itself must learn when to end (and not to).
             tlp[:, eot_ids] = -math.log(template.vocab_size)
         d = net(ids.to(cfg.device), mask.to(cfg.device), rows.to(cfg.device), cols.to(cfg.device))  # (N, V)
-        avoid = None
-        if any(e.avoid_ids for e in batch) and cfg.avoid_weight > 0:
-            avoid = torch.zeros(d.shape, dtype=torch.bool)
-            for n, i in enumerate(rows.tolist()):
-                if batch[i].avoid_ids:
-                    avoid[n, list(batch[i].avoid_ids)] = True
-            avoid = avoid.to(cfg.device)
-        sft_idx = [i if r == "sft" else None for r in roles for i in parts[r]]
+        sft_idx = [i if r == "sft" else None for r, i in picks]
         kl_target = _teacher_targets(tlp, batch, sft_idx, tcache, template.model, pad_id)
-        kl_target = kl_target.to(cfg.device) if kl_target is not None else None
-        if avoid is not None:
-            ce, kl, ul = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, avoid, kl_target)
-        else:
-            ce, kl = combined_losses(tlp.to(cfg.device), d, targets.to(cfg.device), cfg.alpha, kl_target=kl_target)
-        tok_role = [batch_roles[i] for i in rows.tolist()]
-        sel = {r: torch.tensor([x == r for x in tok_role], device=cfg.device) for r in roles}
-        terms = {}
-        if "sft" in sel:
-            keep = torch.tensor([f for e in batch for f in (e.keep or (False,) * len(e.response_ids))],
-                                dtype=torch.bool, device=cfg.device)                 # (N,), same order as rows
-            learn, held = sel["sft"] & ~keep, sel["sft"] & keep
-            if learn.any():
-                terms["sft"] = ce[learn].mean()
-            if held.any():
-                terms["keep"] = cfg.kl_weight * kl[held].mean()
-                if cfg.keep_l2 > 0:
-                    dk = d[held] - d[held].mean(-1, keepdim=True)
-                    terms["keep_l2"] = cfg.keep_l2 * dk.pow(2).sum(-1).mean()
-        if "forget" in sel:
-            if cfg.objective == "unlearn-gd":
-                terms["forget"] = torch.relu(cfg.ascent_ceiling - ce[sel["forget"]]).mean()
-            else:
-                terms["forget"] = ce[sel["forget"]].mean()
-        if avoid is not None:
-            has = avoid.any(-1).to(cfg.device)
-            dc = d - d.mean(-1, keepdim=True)
-            hinge = torch.relu(cfg.avoid_margin + dc).masked_fill(~avoid, 0.0).sum(-1) / avoid.sum(-1).clamp(min=1)
-            terms["avoid"] = cfg.avoid_weight * (ul[has].mean() + hinge[has].mean())
-        if "retain" in sel:
-            if cfg.objective == "unlearn-gd":
-                terms["retain"] = ce[sel["retain"]].mean() + cfg.kl_weight * kl[sel["retain"]].mean()
-            else:
-                terms["retain"] = cfg.kl_weight * kl[sel["retain"]].mean()
-        if cfg.shift_l2 > 0:
-            # Keeps the delta's logits near their mean wherever no loss term needs them elsewhere: a
-            # token the template already rules out gets no gradient from CE/KL, so without this its
-            # delta logit drifts, and another LLM that does consider that token (Gemma's <eos> at
-            # the start of an answer) gets an arbitrary push.
-            dc = d - d.mean(-1, keepdim=True)
-            terms["shift_l2"] = cfg.shift_l2 * dc.pow(2).sum(-1).mean()
-        loss = sum(terms.values())
-        return loss, terms, int(mask.sum())
+        b = batch_from_examples(batch, rows, targets, tlp, roles=[r for r, _ in picks], kl_target=kl_target,
+                                device=cfg.device)
+        terms = loss_terms(b, d, cfg)
+        return sum(terms.values()), terms, int(mask.sum())
 
     with stop:
         for step in bar:
