@@ -283,6 +283,25 @@ def test_delta_ends_turn_teaches_the_delta_where_replies_end(template, tmp_path)
     assert d[-1] > d[:-1].max() + 3.0
 
 
+def test_delta_ends_turn_holds_retain_to_normalised_template_log_probs(template, tmp_path):
+    """At step 1 the delta is still a no-op, so the combined model is the (end-of-turn masked)
+    template and the retain KL is 0; a KL to log-probs left unnormalised by the masking is not."""
+    _, log = _train(template, tmp_path, "eot-retain", "unlearn-idk", steps=1, delta_ends_turn=True)
+    assert abs(log[0]["retain"]) < 1e-4
+
+
+def test_delta_ends_turn_masks_teacher_targets_too(template, tmp_path):
+    """With the teacher text equal to the kept words, the teacher's rows are the template's own:
+    at step 1 (a no-op delta) the kept words' KL is 0 only if the teacher rows are masked alike."""
+    recs = [{**r, "keep": ["I do not know."], "teacher": "I do not know."} for r in FORGET]
+    ex = encode_records(recs, template.tokenizer, template.prompt_format, "sft", 128)
+    assert all(j >= 0 for e in ex for j, k in zip(e.teacher_pos, e.keep) if k)   # every kept token aligned
+    for eot in (False, True):
+        cfg = TrainConfig(objective="sft", size="tiny", steps=1, batch_size=4, delta_ends_turn=eot)
+        out = train(template, {"sft": ex}, cfg, tmp_path / f"eot-teacher-{eot}", progress=False)
+        assert abs(json.loads((out / "loss_log.json").read_text())[0]["keep"]) < 1e-4
+
+
 def test_keep_spans_hold_the_template_and_teach_the_rest(template, tmp_path):
     """Tokens inside a "keep" string are trained towards the template (KL), the others by CE."""
     recs = [{**r, "keep": [r["messages"][-1]["content"][:-1]]} for r in FORGET]   # "I do not know" kept, "." taught

@@ -13,8 +13,8 @@ steps and logs; it also owns what needs the template model:
 - Teacher targets: at kept tokens aligned with a "teacher" text, the template's prediction where it
   reads that text instead (its free-form answer): inside a taught format it should speak as it
   does outside it.
-- ``--delta-ends-turn``: the template's end-of-turn scores are replaced by log(1/V), so the delta
-  learns where replies end.
+- ``--delta-ends-turn``: the template's end-of-turn scores are replaced by log(1/V) and the rows
+  renormalised (template and teacher rows alike), so the delta learns where replies end.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from cmc_edge.errors import CmcError, InputError
-from cmc_edge.train.objectives import batch_from_examples, loss_terms
+from cmc_edge.train.objectives import batch_from_examples, end_of_turn_masked, loss_terms
 from cmc_edge.train.objectives import combined_losses  # noqa: F401  (public here too: tests and recipes import it)
 
 log = logging.getLogger(__name__)
@@ -390,14 +390,15 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
             tlp = torch.cat([cache[r][i] for r, i in picks]).float()
         else:
             tlp = torch.cat(template_logprobs(template.model, batch, pad_id)).float()
-        if eot_ids:
-            # Where a reply ends is a property of the template's chat format; another LLM in another
-            # format gets no such signal. With delta_ends_turn the template's end-of-turn scores are
-            # replaced by a uniform guess, so the delta itself must learn when to end (and not to).
-            tlp[:, eot_ids] = -math.log(template.vocab_size)
         d = net(ids.to(cfg.device), mask.to(cfg.device), rows.to(cfg.device), cols.to(cfg.device))  # (N, V)
         sft_idx = [i if r == "sft" else None for r, i in picks]
         kl_target = _teacher_targets(tlp, batch, sft_idx, tcache, template.model, pad_id)
+        # Where a reply ends is a property of the template's chat format; another LLM in another
+        # format gets no such signal. With delta_ends_turn the template's end-of-turn scores are
+        # replaced by a uniform guess, so the delta itself must learn when to end (and not to):
+        # in the template rows and in every KL target, teacher rows included.
+        tlp = end_of_turn_masked(tlp, eot_ids)
+        kl_target = end_of_turn_masked(kl_target, eot_ids) if kl_target is not None else None
         b = batch_from_examples(batch, rows, targets, tlp, roles=[r for r, _ in picks], kl_target=kl_target,
                                 device=cfg.device)
         terms = loss_terms(b, d, cfg)
