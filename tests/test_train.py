@@ -157,6 +157,47 @@ def test_avoid_strings_select_the_tokens_that_begin_them(template):
     assert not any(len(tok.decode([i]).strip()) < 2 for i in ids)  # never a bare letter
 
 
+class _Words:
+    """A tokenizer as avoid_token_ids sees one: a length and a decoder."""
+
+    def __init__(self, words):
+        self.words = words
+
+    def __len__(self):
+        return len(self.words)
+
+    def decode(self, ids):
+        return "".join(self.words[i] for i in ids)
+
+
+def test_avoid_surfaces_belong_to_one_tokenizer_even_at_a_reused_address():
+    """A tokenizer made where a dead one lived (the same id()) must not get the dead one's
+    token texts, and the cache must not keep a tokenizer (or its texts) alive."""
+    import gc
+    import weakref
+
+    from cmc_edge.train.data import avoid_token_ids
+
+    first, second = [" Paris", " Rome", "xx"], [" Rome", "yy", " Paris"]
+    a = _Words(first)
+    assert avoid_token_ids(a, ["Paris"]) == (0,)
+    gone, old_id = weakref.ref(a), id(a)
+    del a
+    gc.collect()
+    assert gone() is None                                  # the cache holds no reference to it
+    alive = []                                             # fill the allocator until the address comes back
+    for _ in range(20000):
+        b = _Words(second)
+        if id(b) == old_id:
+            break
+        alive.append(b)
+    else:
+        pytest.skip("this interpreter never reused the address")
+    assert avoid_token_ids(b, ["Paris"]) == (2,)
+    b.words = b.words + [" Parisian"]                     # a tokenizer that grew: its new token counts
+    assert avoid_token_ids(b, ["Paris"]) == (2, 3)
+
+
 def test_avoid_term_pushes_the_forgotten_answer_down(template, tmp_path):
     recs = [dict(r, avoid=["capital"]) for r in records([("What is the capital of France?", "I do not know.")])]
     forget = encode_records(recs, template.tokenizer, template.prompt_format, "forget", 128)

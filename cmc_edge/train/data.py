@@ -21,6 +21,7 @@ runtime tokenizes the delta's view of a conversation (prompt once, generated tex
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,16 +121,23 @@ class Example:
 
 
 class _Surfaces:
-    """Each token's decoded text, computed once per tokenizer (about 0.3 s for 49k tokens)."""
+    """Each token's decoded text, computed once per tokenizer (about 0.3 s for 49k tokens).
 
-    _cache: dict[int, list[str]] = {}
+    Weakly keyed by the tokenizer object: an entry lives as long as its tokenizer, and a new
+    tokenizer at a dead one's address (the same ``id()``) never sees its texts. A tokenizer
+    that gained tokens since is decoded again."""
+
+    _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
     def of(cls, tokenizer) -> list[str]:
-        key = id(tokenizer)
-        if key not in cls._cache:
-            cls._cache[key] = [tokenizer.decode([i]) for i in range(len(tokenizer))]
-        return cls._cache[key]
+        try:
+            got = cls._cache.get(tokenizer)
+        except TypeError:                      # not weakly referenceable: nothing to key a cache on
+            return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        if got is None or len(got) != len(tokenizer):
+            got = cls._cache[tokenizer] = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        return got
 
 
 def avoid_token_ids(tokenizer, strings, min_chars: int = 2) -> tuple[int, ...]:
