@@ -102,8 +102,9 @@ def test_top_k_path_is_exact(k, gather, monkeypatch):
         ids_full, s_full = top(full, k)
         ids_fast, s_fast = top(fast, k)
         np.testing.assert_allclose(s_fast, s_full, atol=1e-4, err_msg=f"case {case}")
-        # same set of winners (order may differ only between exactly tied scores)
-        assert set(ids_fast) == set(ids_full) or np.allclose(s_full, s_fast, atol=1e-4), f"case {case}"
+        # the same winners, except that a tie at the k-th score may be broken either way
+        differ = np.setxor1d(ids_fast, ids_full)
+        assert np.all(np.abs(full[differ] - s_full[-1]) <= 1e-4), f"case {case}: winners {differ} differ"
         if took:
             finite = np.isfinite(fast)
             assert finite.sum() >= k and np.all(np.isneginf(fast[~finite]))

@@ -203,10 +203,24 @@ def test_avoid_term_pushes_the_forgotten_answer_down(template, tmp_path):
     forget = encode_records(recs, template.tokenizer, template.prompt_format, "forget", 128)
     assert forget[0].avoid_ids and not set(forget[0].avoid_ids) & set(forget[0].response_ids)
     retain = encode_records(RETAIN, template.tokenizer, template.prompt_format, "retain", 128)
-    cfg = TrainConfig(objective="unlearn-idk", size="tiny", steps=20, batch_size=4, lr=5e-3)
-    out = train(template, {"forget": forget, "retain": retain}, cfg, tmp_path / "avoid", progress=False)
-    log = json.loads((out / "loss_log.json").read_text())
-    assert all("avoid" in r and r["avoid"] >= 0 for r in log)
+    ex = forget[0]
+    tlp = template_logprobs(template.model, [ex], 0)[0].float()                   # (R, V)
+    avoided = torch.zeros(tlp.shape, dtype=torch.bool)
+    avoided[:, list(ex.avoid_ids)] = True
+
+    def p_avoided(lp):
+        """The combined model's probability of starting an avoided string, mean over the response."""
+        return torch.log_softmax(lp, -1).masked_fill(~avoided, float("-inf")).logsumexp(-1).exp().mean().item()
+
+    before, after = p_avoided(tlp), {}
+    for w in (0.0, 1.0):
+        cfg = TrainConfig(objective="unlearn-idk", size="tiny", steps=30, batch_size=4, lr=2e-2, avoid_weight=w)
+        out = train(template, {"forget": forget, "retain": retain}, cfg, tmp_path / f"avoid{w}", progress=False)
+        log = json.loads((out / "loss_log.json").read_text())
+        assert all(("avoid" in r) == (w > 0) for r in log)
+        after[w] = p_avoided(tlp + _delta_logits(out, ex))
+    assert after[1.0] < 0.01 * before                  # the avoided tokens' probability drops ...
+    assert after[1.0] < 0.01 * after[0.0]              # ... because of the avoid term, not the refusal alone
 
 
 def test_unlikelihood_is_exact_and_its_gradient_lowers_the_avoided_tokens():
