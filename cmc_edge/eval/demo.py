@@ -135,7 +135,7 @@ def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], alpha
         out[cond] = {split: {"recall": r.recall, "correct": r.correct, "total": r.total,
                              "samples": [list(s) for s in r.samples]} for split, r in res.items()}
         out[cond]["tokens_per_s"] = tokens_per_second(res)
-        out[cond]["perplexity"] = perplexity(model_path, text, [delta], [a])
+        out[cond]["perplexity"] = perplexity(engine, text, alphas=[a])
     engine.close()
     return out
 

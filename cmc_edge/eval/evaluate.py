@@ -114,7 +114,7 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
                                   "reference_nll": _mean(v["nll"]) if v["nll"] else None,
                                   "n": len(v["recalled"]) or len(v["rouge_l"])} for k, v in per_split.items()}}
             if text:
-                row["perplexity"] = perplexity(path, text, [delta], [a])
+                row["perplexity"] = perplexity(engine, text, alphas=[a])
             rows.append(row)
             samples[f"{path.stem}@{a:g}"] = outs
         engine.close()

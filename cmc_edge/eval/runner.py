@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cmc_edge.combine import log_softmax_np, mapped_shift_np
-
 log = logging.getLogger(__name__)
 
 
@@ -53,32 +51,12 @@ def recall_eval(engine, items: list[dict], *, alphas=None, max_tokens: int = 24,
     return out
 
 
-def perplexity(model_path, text: str, deltas=(), alphas=(), *, n_ctx: int = 1024, max_tokens: int = 400) -> float:
-    """Teacher-forced perplexity of ``text`` under the target LLM, shifted by ``deltas`` (each
-    reading the same text in its own tokenization, as at decode time). Tokens 1..N-1 are scored."""
-    from cmc_edge.runtime.target import TargetLLM
-
-    target = TargetLLM(model_path, n_ctx=n_ctx, logits_all=True)
-    toks = target.tokenize(text)[: min(max_tokens, n_ctx)]
-    target.llm.reset()
-    target.llm.eval(toks)
-    scores = np.array(target.llm.scores[: len(toks)], dtype=np.float32)           # (N, V)
-    first = 1 if target.piece(toks[0]) == b"" else 0                                # skip BOS
-    trackers = []
-    for d, a in zip(deltas, alphas):
-        if a != 0.0:
-            prompt_text = target.piece(toks[first]).decode("utf-8", errors="replace")
-            trackers.append((d, a, d.tracker(prompt_text)))
-    nll = []
-    gen = target.piece(toks[first])
-    for i in range(first + 1, len(toks)):
-        row = scores[i - 1].copy()
-        for d, a, tr in trackers:
-            prefix = gen[len(target.piece(toks[first])):]
-            row += mapped_shift_np(d.head.logits(tr.state_for(prefix)), d.map.index, d.map.mask, a)
-        nll.append(-log_softmax_np(row)[toks[i]])
-        gen += target.piece(toks[i])
-    return float(np.exp(np.mean(nll)))
+def perplexity(engine, text: str, *, alphas=None, max_tokens: int = 400) -> float:
+    """Teacher-forced perplexity of ``text`` (its first ``max_tokens`` tokens) under ``engine``'s
+    target LLM, shifted by its deltas at ``alphas`` (default: their own), each delta reading the
+    same text in its own tokenization, as at decode time. Scores through the model the engine has
+    loaded (:meth:`~cmc_edge.runtime.engine.Engine.score_text`); tokens 1..N-1 are scored."""
+    return float(np.exp(np.mean(engine.score_text(text, alphas=alphas, max_tokens=max_tokens))))
 
 
 def tokens_per_second(results: dict[str, RecallResult]) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -338,10 +339,7 @@ class Engine:
         """Teacher-forced negative log-likelihood (nats) of each token of ``reply`` as the assistant's
         answer to ``messages``, under the combined model: the judge-free measure of how much a delta
         moves an LLM towards reference answers. Shape (number of reply tokens,)."""
-        import llama_cpp
-
         tgt, dps = self.chat_prompts(messages)
-        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
         rtoks = self.target.tokenize(reply, add_bos=False)
         ptoks = self.target.tokenize(tgt)
         if not rtoks:
@@ -349,23 +347,46 @@ class Engine:
         if len(ptoks) + len(rtoks) > self.target.n_ctx:
             raise InputError(f"prompt and reply need {len(ptoks) + len(rtoks)} tokens; the context holds "
                              f"{self.target.n_ctx}", fix="shorten them or raise --n-ctx")
-        active, trackers = self._start(dps, alphas)
+        return self._forced_nll(ptoks, rtoks, dps, alphas)
+
+    def score_text(self, text: str, *, alphas: Sequence[float] | None = None,
+                   max_tokens: int | None = None) -> np.ndarray:
+        """Teacher-forced negative log-likelihood (nats) of each token of plain ``text`` (no chat
+        format) under the combined model, from its second token on (its first real token, after
+        any BOS, is the prompt; each delta reads that token's text, then the text scored so far).
+        At most ``max_tokens`` tokens of the text are read (default: as many as the context holds).
+        Its mean, exponentiated, is the perplexity. Shape (number of tokens scored,)."""
+        toks = self.target.tokenize(text)
+        toks = toks[: min(max_tokens or self.target.n_ctx, self.target.n_ctx)]
+        first = 1 if toks and self.target.piece(toks[0]) == b"" else 0                # skip BOS
+        if len(toks) < first + 2:
+            raise InputError("the text has fewer than two tokens to score", fix="give a longer text")
+        prompt = self.target.piece(toks[first]).decode("utf-8", errors="replace")
+        return self._forced_nll(toks[: first + 1], toks[first + 1:], [prompt] * len(self.deltas), alphas)
+
+    def _forced_nll(self, ptoks: list[int], rtoks: list[int], delta_prompts: Sequence[str],
+                    alphas: Sequence[float] | None) -> np.ndarray:
+        """NLL (nats) of each of ``rtoks`` following ``ptoks``: llama.cpp reads them in batches
+        (:meth:`TargetLLM.eval_logits`), each delta reads its prompt and then the text of the
+        tokens before the one scored, and each row gets the full shift. (len(rtoks),)"""
+        if alphas is not None and len(alphas) != len(self.deltas):
+            raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
+        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+        active, trackers = self._start(delta_prompts, alphas)
         llm = self.target.llm
         llm.reset()
         llm.eval(ptoks)
+        rows = itertools.chain([self.target.last_logits()], self.target.eval_logits(rtoks[:-1]))
         states = [tr.last_state for tr in trackers]
         nll, gen_bytes = np.empty(len(rtoks), np.float64), b""
-        for i, token in enumerate(rtoks):
-            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-            logits = np.ctypeslib.as_array(ptr, shape=(self.target.n_vocab,)).copy()
+        for i, (token, logits) in enumerate(zip(rtoks, rows)):
             add_shift_(logits, [(d.mapped, h, a) for (d, a, _), h in zip(active, states)], k=None)
             nll[i] = -log_softmax_np(logits)[token]
             gen_bytes += self.target.piece(token)
             if i + 1 < len(rtoks):
-                llm.eval([token])
                 states = self._sync_all(trackers, gen_bytes)
         if not np.isfinite(nll).all():
-            raise DeltaFault("non-finite log-likelihood while scoring a reply", fix="check the delta bundle")
+            raise DeltaFault("non-finite log-likelihood while scoring a text", fix="check the delta bundle")
         return nll
 
     @staticmethod

@@ -5,6 +5,9 @@ from __future__ import annotations
 import ctypes
 import logging
 from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
 
 from cmc_edge.errors import InputError
 from cmc_edge.prompt import QA_STOP, QA_TEMPLATE, PromptFormat
@@ -31,13 +34,13 @@ class TargetLLM:
     """Owns a ``llama_cpp.Llama``; exposes raw token pieces, end-of-generation ids and a chat format."""
 
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False, logits_all: bool = False):
+                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False):
         from llama_cpp import Llama
 
         self.path = check_gguf(model_path)
         try:
             self.llm = Llama(str(self.path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                             seed=seed, verbose=verbose, logits_all=logits_all)
+                             seed=seed, verbose=verbose)
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"llama.cpp could not load {self.path}: {exc}",
                              fix="check that the file is a complete GGUF model (re-download or re-assemble it)") from exc
@@ -78,6 +81,37 @@ class TargetLLM:
             raise InputError(f"the text is not valid UTF-8: {exc.reason} at character {exc.start} "
                              f"({text[exc.start:exc.end]!r})", fix="pass UTF-8 text; re-encode the input as UTF-8") from exc
         return self.llm.tokenize(data, add_bos=add_bos, special=True)
+
+    # -- logits ------------------------------------------------------------------------------
+    def last_logits(self) -> np.ndarray:
+        """A copy of the logits after the last token evaluated. (V,) float32"""
+        ptr = self._lib.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def eval_logits(self, tokens: Sequence[int], *, chunk: int = 32) -> Iterator[np.ndarray]:
+        """Evaluate ``tokens`` after what the context already holds, yielding the logits after
+        each one in turn ((V,) float32 copies; lazily: a chunk is evaluated when its rows are read).
+
+        ``Llama.eval`` keeps only the last position's logits, unless the model was loaded with
+        ``logits_all``, which holds an n_ctx x V array for the whole life of the model (1 GiB for a
+        262k vocabulary at n_ctx 1024). Here each batch of ``chunk`` tokens asks llama.cpp for an
+        output row at every position, so its output buffer holds ``chunk`` rows and the tokens are
+        still evaluated in batches, not one by one."""
+        llm = self.llm
+        step = max(1, min(chunk, llm.n_batch))
+        for s in range(0, len(tokens), step):
+            part = [int(t) for t in tokens[s:s + step]]
+            n_past = llm.n_tokens
+            if n_past + len(part) > self.n_ctx:
+                raise InputError(f"the text needs {n_past + len(part)} tokens; the context holds {self.n_ctx}",
+                                 fix="shorten the text or raise --n-ctx")
+            llm._ctx.kv_cache_seq_rm(-1, n_past, -1)          # as Llama.eval: nothing stale past n_past
+            llm._batch.set_batch(batch=part, n_past=n_past, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[n_past:n_past + len(part)] = part
+            llm.n_tokens += len(part)
+            ptr = self._lib.llama_get_logits(llm._ctx.ctx)                              # one row per output
+            yield from np.ctypeslib.as_array(ptr, shape=(len(part), self.n_vocab)).copy()
 
     # -- chat --------------------------------------------------------------------------------
     def prompt_format(self, override: str | None = None) -> PromptFormat:
