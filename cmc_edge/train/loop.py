@@ -287,6 +287,70 @@ def plot_loss(loss_log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _new_delta(template, cfg: TrainConfig):
+    """A fresh delta for ``template``'s vocabulary (its logits all zero: the combined model starts
+    as the template), embeddings from the template's where configured, on ``cfg.device``."""
+    from cmc_edge.train.model import DeltaConfig, build_delta, init_embeddings_from_template
+
+    tok = template.tokenizer
+    dcfg = DeltaConfig.preset(cfg.size, vocab_size=template.vocab_size,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    delta = build_delta(dcfg, seed=cfg.seed)
+    if cfg.embed_init == "template":
+        kept = init_embeddings_from_template(delta, template.model.get_input_embeddings().weight)
+        log.info("delta embeddings from the template's (SVD, %.0f%% of variance kept)", 100 * kept)
+    delta = delta.to(cfg.device)
+    delta.train()
+    return delta, dcfg
+
+
+def _end_of_turn_ids(template) -> list[int]:
+    """The template's end-of-turn token ids (its EOS and its chat format's end-of-turn token)."""
+    tok = template.tokenizer
+    return sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(template.prompt_format.end_of_turn or ""))
+                   if isinstance(i, int) and i != tok.unk_token_id})
+
+
+def _template_cache(template, data: dict, roles, pad_id: int) -> tuple[dict, dict]:
+    """Template log-probs of every example ({role: [(R, V)]}) and of every sft example's teacher
+    text ({index in data["sft"]: (R_teacher, V)}), computed once (float16)."""
+    t0 = time.perf_counter()
+    cache = {r: template_logprobs(template.model, data[r], pad_id) for r in roles}
+    taught = [i for i, e in enumerate(data.get("sft", ())) if e.teacher_ids]
+    tcache = dict(zip(taught, template_logprobs(template.model, [_teacher_example(data["sft"][i]) for i in taught],
+                                                 pad_id)))
+    log.info("cached template log-probs in %.1fs", time.perf_counter() - t0)
+    return cache, tcache
+
+
+def _optimizer(delta, cfg: TrainConfig):
+    """AdamW with warmup then cosine decay; the output gate learns ``gate_lr_mult`` times faster."""
+    import torch
+
+    # The zero-initialised final-norm weight gates every logit; Adam moves it ~lr per step, so at
+    # the base rate the delta would need thousands of steps to speak. It gets a higher rate.
+    gate = [delta.model.norm.weight]
+    rest = [p for p in delta.parameters() if p is not gate[0]]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": gate, "lr": cfg.lr * cfg.gate_lr_mult}],
+                            lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    return opt, sched
+
+
+def _write_checkpoint(out_dir: Path, delta, tokenizer, meta: dict, loss_log: list, *, overwrite: bool) -> None:
+    """The HF checkpoint, atomically: weights, tokenizer, cmc.json, loss_log.json, loss.png."""
+    from cmc_edge.artifacts import atomic_dir
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        delta.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "cmc.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "loss_log.json").write_text(json.dumps(loss_log) + "\n")
+        plot_loss(loss_log, tmp / "loss.png")
+    log.info("wrote delta checkpoint %s", out_dir)
+
+
 def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
           overwrite: bool = False, resume: bool = False, on_step=None) -> Path:
     """Train a delta beside ``template`` on ``data`` ({"sft"|"forget"|"retain": [Example]}) and
@@ -303,8 +367,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     import torch
     from tqdm.auto import tqdm
 
-    from cmc_edge.artifacts import atomic_dir
-    from cmc_edge.train.model import DeltaConfig, build_delta, count_parameters, init_embeddings_from_template
+    from cmc_edge.train.model import count_parameters
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -325,14 +388,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     tok = template.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    dcfg = DeltaConfig.preset(cfg.size, vocab_size=template.vocab_size,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    delta = build_delta(dcfg, seed=cfg.seed)
-    if cfg.embed_init == "template":
-        kept = init_embeddings_from_template(delta, template.model.get_input_embeddings().weight)
-        log.info("delta embeddings from the template's (SVD, %.0f%% of variance kept)", 100 * kept)
-    delta = delta.to(cfg.device)
-    delta.train()
+    delta, dcfg = _new_delta(template, cfg)
     net = _head(delta)
     ddp = None
     if world > 1:
@@ -343,26 +399,9 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         progress = progress and rank == 0
     log.info("delta: %s preset, %.1fM parameters", cfg.size, count_parameters(delta) / 1e6)
 
-    eot_ids = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(template.prompt_format.end_of_turn or ""))
-                      if isinstance(i, int) and i != tok.unk_token_id}) if cfg.delta_ends_turn else []
-    cache, tcache = {}, {}
-    if cfg.cache_template:
-        t0 = time.perf_counter()
-        for r in roles:
-            cache[r] = template_logprobs(template.model, data[r], pad_id)
-        taught = [i for i, e in enumerate(data.get("sft", ())) if e.teacher_ids]
-        tcache = dict(zip(taught, template_logprobs(template.model, [_teacher_example(data["sft"][i]) for i in taught],
-                                                     pad_id)))
-        log.info("cached template log-probs in %.1fs", time.perf_counter() - t0)
-
-    # The zero-initialised final-norm weight gates every logit; Adam moves it ~lr per step, so at
-    # the base rate the delta would need thousands of steps to speak. It gets a higher rate.
-    gate = [delta.model.norm.weight]
-    rest = [p for p in delta.parameters() if p is not gate[0]]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": gate, "lr": cfg.lr * cfg.gate_lr_mult}],
-                            lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    eot_ids = _end_of_turn_ids(template) if cfg.delta_ends_turn else []
+    cache, tcache = _template_cache(template, data, roles, pad_id) if cfg.cache_template else ({}, {})
+    opt, sched = _optimizer(delta, cfg)
     # Each step draws from every role present: half forget / half retain for unlearning.
     share = {r: max(1, cfg.batch_size // len(roles)) for r in roles}
     loss_log = []
@@ -381,6 +420,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, unit="step",
                initial=start, total=cfg.steps)
     t_start, n_tok = time.perf_counter(), 0
+
     def micro_step():
         """Draw one micro-batch, return (loss, terms, tokens)."""
         picks = [(r, i) for r in roles for i in torch.randint(len(data[r]), (share[r],), generator=gen).tolist()]
@@ -448,16 +488,10 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         "train_seconds": round(time.perf_counter() - t_start, 1),
     }
     if rank == 0:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            delta.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            (tmp / "cmc.json").write_text(json.dumps(meta, indent=2) + "\n")
-            (tmp / "loss_log.json").write_text(json.dumps(loss_log) + "\n")
-            plot_loss(loss_log, tmp / "loss.png")
+        _write_checkpoint(out_dir, delta, tok, meta, loss_log, overwrite=overwrite)
         import shutil
 
         shutil.rmtree(rdir, ignore_errors=True)   # the run is complete: its resume state is spent
-        log.info("wrote delta checkpoint %s", out_dir)
     if world > 1:
         import torch.distributed as dist
 
