@@ -162,7 +162,10 @@ class MappedHead:
         out[self.dst] += np.float32(alpha) * z[self.src]
 
     def shift_at(self, h: np.ndarray, alpha: float, ids: np.ndarray) -> np.ndarray:
-        """The exact shift of target tokens ``ids`` only. (n,)"""
+        """The exact shift of target tokens ``ids`` only. (n,)
+
+        The centring of :func:`cmc_edge.combine.centred_np` by linearity, without the full logits:
+        ``E_i . h - mean_row(E) . h == z_i - mean(z)`` (tested against :meth:`shift_full`)."""
         rows = self.head.E[self.index[ids]]                                             # (n, d)
         # einsum, not BLAS: no worker threads waking up beside llama.cpp's for a small product
         z = np.einsum("ij,j->i", rows, h) - np.float32(self.mean_row_dot(h))
