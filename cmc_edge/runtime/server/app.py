@@ -191,11 +191,19 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
     async def invalid(_request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-        message = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg", "invalid request"))
+        # a union field fails once per member ("stop" as a string, as a list): name the field itself
+        locs = [tuple(e.get("loc", ())) for e in errs if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
+        common = locs[0] if locs else ()
+        for loc in locs[1:]:
+            n = 0
+            while n < min(len(common), len(loc)) and common[n] == loc[n]:
+                n += 1
+            common = common[:n]
+        param = ".".join(str(x) for x in common if x != "body") or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
         if len(errs) > 1:
             message += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
-        return JSONResponse(error_body(400, message, "invalid_request_error", loc), status_code=400)
+        return JSONResponse(error_body(400, message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
