@@ -335,6 +335,8 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         (400, "bad request"), (401, "missing or wrong API key"), (403, "forbidden by the operator's delta policy"),
         (413, "body too large"), (429, "queue full"), (500, "llama.cpp failed"), (503, "a delta failed"),
         (504, "time limit"))}
+    error_responses[200] = {"description": "the completion; with \"stream\": true, server-sent events",
+                            "content": {"application/json": {}, "text/event-stream": {}}}
 
     @app.post("/v1/completions", responses=error_responses)
     async def completions(req: CompletionRequest, request: Request):

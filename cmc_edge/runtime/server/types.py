@@ -16,7 +16,7 @@ StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)   # no "0.5" or true for numbers
 
 
 class CmcOptions(_Strict):
