@@ -70,22 +70,26 @@ def build_engine(args):
 
 
 def cmd_generate(args) -> int:
-    engine = build_engine(args)
     params = _sampling(args)
-    if args.raw:
-        gen = engine.generate(args.prompt, params)
-    else:
-        gen = engine.chat([{"role": "user", "content": args.prompt}], params, chat_template=args.chat_template)
-    for chunk in gen:
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
+    with build_engine(args) as engine:
+        if args.raw:                         # the operator's own text: its special tokens are parsed
+            gen = engine.generate(args.prompt, params)
+        else:
+            gen = engine.chat([{"role": "user", "content": args.prompt}], params, chat_template=args.chat_template)
+        for chunk in gen:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     print(f"[{len(gen.tokens)} tokens, {gen.tokens_per_s:.1f} tok/s, finish: {gen.finish_reason}]", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
-    engine = build_engine(args)
+    with build_engine(args) as engine:
+        return _chat_loop(engine, args)
+
+
+def _chat_loop(engine, args) -> int:
     params = _sampling(args)
     history: list[dict] = []
     if args.system:

@@ -311,3 +311,21 @@ def test_full_queue_is_a_429_and_models_answers_while_streams_run(slow):
         r.close()
         waiting.join(timeout=20)
         assert not waiting.is_alive()
+
+
+def test_serve_cli_policy_flags(tiny_gguf, bundles, monkeypatch, capsys):
+    import cmc_edge.runtime.server as server
+    from cmc_edge.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda engine, settings: seen.update(settings=settings) or 0)
+    filt, json_delta = bundles
+    base = ["serve", "--model", str(tiny_gguf), "--delta", str(filt), "--delta", f"style={json_delta}"]
+    assert main(base) == 0                                   # the unlearn bundle is enforced by default
+    assert [(p.name, p.mode) for p in seen["settings"].policies] == [("filter", "enforced"), ("style", "optional")]
+    assert main(base + ["--optional", "filter", "--enforce", "style=0.5", "--alpha", "1", "--alpha", "2"]) == 0
+    assert [(p.name, p.mode, p.min_alpha) for p in seen["settings"].policies] == [
+        ("filter", "optional", None), ("style", "enforced", 0.5)]
+    assert not seen["settings"].allow_raw_prompts
+    assert main(base + ["--enforce", "nope"]) == 2
+    assert "no loaded delta is named 'nope'" in capsys.readouterr().err
