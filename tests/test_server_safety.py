@@ -329,3 +329,56 @@ def test_serve_cli_policy_flags(tiny_gguf, bundles, monkeypatch, capsys):
     assert not seen["settings"].allow_raw_prompts
     assert main(base + ["--enforce", "nope"]) == 2
     assert "no loaded delta is named 'nope'" in capsys.readouterr().err
+
+
+def test_a_fault_before_the_first_chunk_is_a_json_status_not_a_stream(tiny_gguf):
+    from test_fail_closed import FaultyDelta
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    eng = Engine(target, [FaultyDelta(target.n_vocab, ok_calls=0, mode="raise")])   # fails on the prompt
+    with LiveServer(create_app(eng, ServerSettings(model_name="tiny"))) as live:
+        r = post(live.url, "/chat/completions", {"messages": MSG, "max_tokens": 8, "stream": True})
+        assert_json_error(r, 503, "delta_fault")
+
+
+def test_a_disconnecting_non_streaming_client_stops_its_generation(slow):
+    eng, session = slow
+    with LiveServer(create_app(eng, ServerSettings(model_name="tiny", limits=ServerLimits(max_tokens=200)))) as live:
+        body = json.dumps({"prompt": "The capital of", "max_tokens": 200, "temperature": 1.0, "seed": 3}).encode()
+        host, port = live.url.split("//")[1].split("/")[0].split(":")
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.5)                                      # generating
+        s.close()
+        time.sleep(0.5)
+        calls = session.calls
+        time.sleep(0.5)
+        assert 0 < calls and session.calls - calls <= 2
+
+
+def test_an_outstanding_delta_step_finishes_before_the_error_is_raised(tiny_gguf, monkeypatch):
+    """Overlapped decoding: llama.cpp fails while the delta's step for the same token runs in the
+    worker thread; the engine waits for that step before raising, so the next generation never
+    resets a session that is still running."""
+    from test_fail_closed import FaultyDelta
+
+    from cmc_edge.errors import TargetFault
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    delta = FaultyDelta(target.n_vocab, ok_calls=10**9, mode="raise")
+    running = []
+    feed = delta.session.feed
+
+    def slow_feed(ids):
+        running.append(1)
+        time.sleep(0.2)
+        out = feed(ids)
+        running.pop()
+        return out
+    delta.session.feed = slow_feed
+    eng = Engine(target, [delta], overlap=True)
+    monkeypatch.setattr(target.llm, "eval", FailingEval(target.llm, ok=3))
+    with pytest.raises(TargetFault):
+        eng.generate("The capital of", SamplingParams(max_tokens=20, temperature=0.0)).read()
+    assert not running                                       # no delta step still in flight
