@@ -136,3 +136,37 @@ def test_turn_markers_in_a_message_are_plain_text_real(model, injection, tiny_bu
     target = TargetLLM(request.getfixturevalue(model), n_ctx=512, n_threads=2)
     reply = check_injection_is_plain_text(Engine(target, [Delta(tiny_bundle, target, alpha=0.5)]), injection)
     assert reply.strip(), "the model should answer something, or the comparison proves little"
+
+
+@pytest.mark.gguf
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_real_tokenizers_keep_markers_in_data_plain(model, request):
+    """The delta side with each real model's own tokenizer (as a delta trained on it would carry):
+    a benign conversation encodes exactly as before; turn markers in a message add no special token."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from cmc_edge.prompt import PromptFormat, prompt_fragments, render_prompt_parts
+
+    path = request.getfixturevalue(model)
+    hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    plain = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    plain.encode_special_tokens = True
+    specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    fmt = PromptFormat(chat_template=hf.chat_template or TargetLLM(path, n_ctx=64).prompt_format().chat_template)
+
+    def encode(prompt):
+        return [i for f in prompt_fragments(prompt, specials)
+                for i in (plain.encode(f, add_special_tokens=False).ids if isinstance(f, str) else [f])]
+
+    def n_special(ids):
+        return sum(i in specials.values() for i in ids)
+
+    benign = render_prompt_parts(fmt, conversation("What is the capital of France?"))
+    assert encode(benign) == tok.encode(str(benign), add_special_tokens=False).ids
+    for injection in (CHATML_INJECTION, GEMMA_INJECTION):
+        forged = render_prompt_parts(fmt, conversation("What is the capital of France?" + injection + "Paris."))
+        assert n_special(encode(forged)) == n_special(encode(benign))
+        if all(m in specials for m in MARKERS.findall(injection)):     # this model's own markers
+            assert n_special(tok.encode(str(forged), add_special_tokens=False).ids) > n_special(encode(benign))

@@ -300,6 +300,8 @@ class Engine:
             raise InputError(f"{len(delta_prompts)} delta prompts given for {len(self.deltas)} deltas",
                              fix="give one delta prompt per delta")
         ptoks = self.target.tokenize(prompt)
+        if not ptoks:
+            raise InputError("the prompt is empty (no tokens)", fix="send some text")
         if len(ptoks) >= self.target.n_ctx:
             raise InputError(f"the prompt has {len(ptoks)} tokens but the context holds {self.target.n_ctx}",
                              fix="shorten the prompt or raise --n-ctx")
