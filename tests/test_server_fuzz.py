@@ -2,8 +2,8 @@
 endpoint, against a live server (tiny GGUF, an enforced filter and an optional delta). Whatever
 comes in: never a 5xx, and every error is an OpenAI-style JSON body.
 
-Bounded for CI: ``max_examples`` per endpoint (100, the default run; about 15 s) and a tiny ``max_tokens`` limit keep it well under a
-minute; raise ``CMC_FUZZ_EXAMPLES`` for a longer hunt.
+Bounded for CI: ``max_examples`` per endpoint and mode (100, hypothesis' default run) and a tiny
+``max_tokens`` limit keep it near 15 s; raise ``CMC_FUZZ_EXAMPLES`` for a longer hunt (500: ~1 min).
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ policy, 413 body, 429 queue full (``Retry-After``), 500 llama.cpp failure, 503 d
 filter never fails open), 504 time limit. A streaming response validates the request and pulls
 its first chunk before the 200 goes out; a later failure is an SSE error event. A client that
 disconnects stops its generation before the next token.
+
+Layout: settings and errors, the :class:`Guard` middleware (API key, body limit), the request
+handlers (module-level functions over a :class:`ServerState`), and :func:`create_app`, which
+wires them; the queue in front of the engine is :mod:`.runner`.
 """
 
 from __future__ import annotations
@@ -33,9 +37,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from cmc_edge.errors import CmcError, DeltaFault, GenerationTimeout, InputError, PolicyError, TargetFault
+from cmc_edge.prompt import Prompt
+from cmc_edge.runtime.engine import EncodedPrompt, SamplingParams
 from cmc_edge.runtime.policy import DeltaPolicy, build_policies, resolve_alphas
 from cmc_edge.runtime.server.runner import EngineRunner, ServerBusy
 from cmc_edge.runtime.server.types import ChatCompletionRequest, CompletionRequest
@@ -107,9 +117,7 @@ def error_body(status: int, message: str, kind: str, param: str | None = None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def error_response(exc: BaseException):
-    from fastapi.responses import JSONResponse
-
+def error_response(exc: BaseException) -> JSONResponse:
     status, kind = error_status(exc)
     message = str(exc) if isinstance(exc, CmcError) else "internal error (see the server's log)"
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServerBusy) else None
@@ -132,8 +140,6 @@ class Guard:
         headers = dict(scope.get("headers") or ())
 
         async def reject(status, message, kind="invalid_request_error"):
-            from fastapi.responses import JSONResponse
-
             await JSONResponse(error_body(status, message, kind), status_code=status)(scope, receive, send)
 
         if self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
@@ -166,187 +172,198 @@ class Guard:
         return await self.app(scope, replay, send)
 
 
-def create_app(engine, settings: ServerSettings = ServerSettings()):
-    """The FastAPI app over ``engine`` (see the module docstring)."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
+class ServerState:
+    """What the routes share: the engine, the settings, one policy per delta, the queue."""
 
-    from cmc_edge.prompt import Prompt
-    from cmc_edge.runtime.engine import SamplingParams
+    def __init__(self, engine, settings: ServerSettings):
+        self.engine, self.settings, self.limits = engine, settings, settings.limits
+        self.policies = settings.policies if settings.policies is not None else build_policies(engine.deltas)
+        if [p.name for p in self.policies] != [d.name for d in engine.deltas]:
+            raise InputError("the server's delta policies do not match the engine's deltas",
+                             fix="build them with cmc_edge.runtime.policy.build_policies(engine.deltas)")
+        self.runner = EngineRunner(engine, max_queue=self.limits.max_queue)
 
-    limits = settings.limits
-    policies = settings.policies if settings.policies is not None else build_policies(engine.deltas)
-    if [p.name for p in policies] != [d.name for d in engine.deltas]:
-        raise InputError("the server's delta policies do not match the engine's deltas",
-                         fix="build them with cmc_edge.runtime.policy.build_policies(engine.deltas)")
-    runner = EngineRunner(engine, max_queue=limits.max_queue)
-    app = FastAPI(title="cmc-edge", version="1", description=__doc__.split("\n\n")[0])
-    app.state.runner = runner
-    model_name = settings.model_name
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        # a union field fails once per member ("stop" as a string, as a list): name the field itself
-        locs = [tuple(e.get("loc", ())) for e in errs if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
-        common = locs[0] if locs else ()
-        for loc in locs[1:]:
-            n = 0
-            while n < min(len(common), len(loc)) and common[n] == loc[n]:
-                n += 1
-            common = common[:n]
-        param = ".".join(str(x) for x in common if x != "body") or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
-        if len(errs) > 1:
-            message += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
-        return JSONResponse(error_body(400, message, "invalid_request_error", param), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), "invalid_request_error"),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def crashed(_request, exc: Exception):
-        log.exception("request failed")
-        return error_response(exc)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "cmc-edge",
-                                            "deltas": [p.describe() for p in policies]}]}
-
-    def sampling(req, chat: bool) -> SamplingParams:
-        given_top_p = req.top_p is not None
-        max_tokens = req.max_tokens or req.max_completion_tokens or min(256, limits.max_tokens)
-        if max_tokens > limits.max_tokens:
-            raise InputError(f"max_tokens must be at most {limits.max_tokens}, got {max_tokens}",
+    def sampling(self, req, chat: bool) -> SamplingParams:
+        """The request's sampling, within the server's limits (llama-cpp-python's defaults without top_p)."""
+        limit = self.limits.max_tokens
+        max_tokens = req.max_tokens or req.max_completion_tokens or min(256, limit)
+        if max_tokens > limit:
+            raise InputError(f"max_tokens must be at most {limit}, got {max_tokens}",
                              fix="lower max_tokens (the server's limit is --max-tokens-limit)")
+        nucleus = req.top_p is not None
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p if given_top_p else 1.0,
-            top_k=req.top_k if req.top_k is not None else (0 if given_top_p else 40),
-            min_p=req.min_p if req.min_p is not None else (0.0 if given_top_p else 0.05),
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p if nucleus else 1.0,
+            top_k=req.top_k if req.top_k is not None else (0 if nucleus else 40),
+            min_p=req.min_p if req.min_p is not None else (0.0 if nucleus else 0.05),
             repeat_penalty=req.repeat_penalty if req.repeat_penalty is not None else 1.0,
             seed=req.seed, stop=req.stop_strings())
-        return engine.chat_params(params) if chat else params
+        return self.engine.chat_params(params) if chat else params
 
-    def alphas_for(req) -> list[float]:
+    def alphas(self, req) -> list[float]:
+        """Each delta's alpha for this request, within the operator's policy (403 otherwise)."""
         c = req.cmc
         if c is None:
-            return [p.alpha for p in policies]
-        return resolve_alphas(policies, alpha=c.alpha, alphas=c.alphas, by_name=c.deltas)
+            return [p.alpha for p in self.policies]
+        return resolve_alphas(self.policies, alpha=c.alpha, alphas=c.alphas, by_name=c.deltas)
 
-    def encode(req, chat: bool):
-        """Render and tokenize (in a worker thread: reads only the vocabularies) and check the length."""
+    def encode(self, req, chat: bool) -> EncodedPrompt:
+        """Render and tokenize (in a worker thread: reads only the vocabularies) and check the length.
+        Message contents, and completion prompts unless raw prompts are allowed, are data."""
         if chat:
-            tgt, dps = engine.chat_prompts([{"role": m.role, "content": m.text()} for m in req.messages])
+            tgt, dps = self.engine.chat_prompts([{"role": m.role, "content": m.text()} for m in req.messages])
         else:
-            tgt, dps = (req.prompt if settings.allow_raw_prompts else Prompt.data(req.prompt)), None
-        enc = engine.encode(tgt, dps)
-        if len(enc.target) > limits.max_prompt_tokens:
-            raise InputError(f"the prompt has {len(enc.target)} tokens; this server accepts {limits.max_prompt_tokens}",
-                             fix="shorten the prompt (the limit is --max-prompt-tokens)")
+            tgt, dps = (req.prompt if self.settings.allow_raw_prompts else Prompt.data(req.prompt)), None
+        enc = self.engine.encode(tgt, dps)
+        if len(enc.target) > self.limits.max_prompt_tokens:
+            raise InputError(f"the prompt has {len(enc.target)} tokens; this server accepts "
+                             f"{self.limits.max_prompt_tokens}", fix="shorten the prompt (the limit is --max-prompt-tokens)")
         return enc
 
-    async def watch_disconnect(request: Request, job) -> None:
+
+RESPONSES = {s: {"description": d} for s, d in (
+    (400, "bad request"), (401, "missing or wrong API key"), (403, "forbidden by the operator's delta policy"),
+    (413, "body too large"), (429, "queue full"), (500, "llama.cpp failed"), (503, "a delta failed"),
+    (504, "time limit"))}
+RESPONSES[200] = {"description": 'the completion; with "stream": true, server-sent events',
+                  "content": {"application/json": {}, "text/event-stream": {}}}
+
+async def models(request: Request):
+    st: ServerState = request.app.state.cmc
+    return {"object": "list", "data": [{"id": st.settings.model_name, "object": "model", "owned_by": "cmc-edge",
+                                        "deltas": [p.describe() for p in st.policies]}]}
+
+
+async def completions(req: CompletionRequest, request: Request):
+    return await complete(request.app.state.cmc, req, request, chat=False)
+
+
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    return await complete(request.app.state.cmc, req, request, chat=True)
+
+
+async def complete(st: ServerState, req, request: Request, chat: bool):
+    """Check the request, wait for the engine, and answer whole or as server-sent events. Every
+    check (policy, length, queue) and the first chunk come before the 200."""
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    deadline = time.monotonic() + st.limits.request_timeout_s
+    try:
+        params, alphas = st.sampling(req, chat), st.alphas(req)
+        enc = await run_in_threadpool(st.encode, req, chat)
+        job = await st.runner.submit(enc, params, alphas=alphas, deadline=deadline)
+    except CmcError as exc:
+        return error_response(exc)
+    head = {"id": rid, "created": created, "model": st.settings.model_name}
+    if req.stream:
+        kind, first = await job.next()
+        if kind == "error":
+            return error_response(first)
+        return StreamingResponse(sse_events(job, head, chat, kind, first), media_type="text/event-stream")
+
+    watcher = asyncio.ensure_future(cancel_on_disconnect(request, job))
+    text = []
+    try:
         while True:
-            msg = await request.receive()
-            if msg["type"] == "http.disconnect":
-                job.cancel.set()
-                return
+            kind, val = await job.next()
+            if kind == "chunk":
+                text.append(val)
+            elif kind == "error":
+                return error_response(val)
+            else:
+                gen = val
+                break
+    finally:
+        watcher.cancel()
+        job.cancel.set()
+    usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.tokens),
+             "total_tokens": gen.prompt_tokens + len(gen.tokens)}
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                  "finish_reason": gen.finish_reason}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+    return {**head, "object": "text_completion", "usage": usage,
+            "choices": [{"index": 0, "text": "".join(text), "finish_reason": gen.finish_reason, "logprobs": None}]}
 
-    async def complete(req, request: Request, chat: bool):
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        deadline = time.monotonic() + limits.request_timeout_s
-        try:
-            params, alphas = sampling(req, chat), alphas_for(req)
-            enc = await run_in_threadpool(encode, req, chat)
-            job = await runner.submit(enc, params, alphas=alphas, deadline=deadline)
-        except CmcError as exc:
-            return error_response(exc)
 
-        def chunk_obj(text=None, finish=None, role=False):
-            if chat:
-                delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
-
-        if req.stream:
-            kind, first = await job.next()             # the first chunk (or the end, or an error) before the 200
-            if kind == "error":
-                return error_response(first)
-
-            async def events(kind=kind, val=first):
-                try:
-                    if chat:
-                        yield f"data: {json.dumps(chunk_obj(role=True))}\n\n"
-                    while True:
-                        if kind == "chunk":
-                            yield f"data: {json.dumps(chunk_obj(val))}\n\n"
-                        elif kind == "end":
-                            yield f"data: {json.dumps(chunk_obj(finish=val.finish_reason))}\n\n"
-                            yield "data: [DONE]\n\n"
-                            return
-                        else:
-                            status, etype = error_status(val)
-                            msg = str(val) if isinstance(val, CmcError) else "internal error (see the server's log)"
-                            yield f"data: {json.dumps(error_body(status, msg, etype))}\n\n"
-                            return
-                        kind, val = await job.next()
-                finally:
-                    job.cancel.set()                   # the client went away (or we are done): stop decoding
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        watcher = asyncio.ensure_future(watch_disconnect(request, job))
-        try:
-            text = []
-            while True:
-                kind, val = await job.next()
-                if kind == "chunk":
-                    text.append(val)
-                elif kind == "error":
-                    return error_response(val)
-                else:
-                    gen = val
-                    break
-        finally:
-            watcher.cancel()
+async def cancel_on_disconnect(request: Request, job) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
             job.cancel.set()
-        usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.tokens),
-                 "total_tokens": gen.prompt_tokens + len(gen.tokens)}
+            return
+
+
+def chunk_obj(head: dict, chat: bool, text=None, finish=None, role=False) -> dict:
+    if chat:
+        delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
+        return {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return {**head, "object": "text_completion",
+            "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+
+
+async def sse_events(job, head: dict, chat: bool, kind: str, val):
+    """The stream from its first event on; a later failure is an SSE error event. However it ends
+    (the client gone included), the generation is told to stop."""
+    try:
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                      "finish_reason": gen.finish_reason}
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [choice], "usage": usage}
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": "".join(text), "finish_reason": gen.finish_reason,
-                             "logprobs": None}], "usage": usage}
+            yield f"data: {json.dumps(chunk_obj(head, chat, role=True))}\n\n"
+        while True:
+            if kind == "chunk":
+                yield f"data: {json.dumps(chunk_obj(head, chat, val))}\n\n"
+            elif kind == "end":
+                yield f"data: {json.dumps(chunk_obj(head, chat, finish=val.finish_reason))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                status, etype = error_status(val)
+                msg = str(val) if isinstance(val, CmcError) else "internal error (see the server's log)"
+                yield f"data: {json.dumps(error_body(status, msg, etype))}\n\n"
+                return
+            kind, val = await job.next()
+    finally:
+        job.cancel.set()
 
-    error_responses = {s: {"description": d} for s, d in (
-        (400, "bad request"), (401, "missing or wrong API key"), (403, "forbidden by the operator's delta policy"),
-        (413, "body too large"), (429, "queue full"), (500, "llama.cpp failed"), (503, "a delta failed"),
-        (504, "time limit"))}
-    error_responses[200] = {"description": "the completion; with \"stream\": true, server-sent events",
-                            "content": {"application/json": {}, "text/event-stream": {}}}
 
-    @app.post("/v1/completions", responses=error_responses)
-    async def completions(req: CompletionRequest, request: Request):
-        return await complete(req, request, chat=False)
+async def invalid_request(_request, exc: RequestValidationError):
+    """A body that fails its model: HTTP 400 naming the field (a union field fails once per member,
+    "stop" as a string and as a list: the field itself is named)."""
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    locs = [tuple(e.get("loc", ())) for e in errs if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
+    common = locs[0] if locs else ()
+    for loc in locs[1:]:
+        n = 0
+        while n < min(len(common), len(loc)) and common[n] == loc[n]:
+            n += 1
+        common = common[:n]
+    param = ".".join(str(x) for x in common if x != "body") or None
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
+    if len(errs) > 1:
+        message += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
+    return JSONResponse(error_body(400, message, "invalid_request_error", param), status_code=400)
 
-    @app.post("/v1/chat/completions", responses=error_responses)
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        return await complete(req, request, chat=True)
 
-    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=limits.max_body_bytes)
+async def http_error(_request, exc: HTTPException):
+    return JSONResponse(error_body(exc.status_code, str(exc.detail), "invalid_request_error"),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def crashed(_request, exc: Exception):
+    log.exception("request failed")
+    return error_response(exc)
+
+
+def create_app(engine, settings: ServerSettings = ServerSettings()) -> FastAPI:
+    """The FastAPI app over ``engine`` (see the module docstring)."""
+    app = FastAPI(title="cmc-edge", version="1", description=__doc__.split("\n\n")[0])
+    app.state.cmc = ServerState(engine, settings)
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=RESPONSES)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=RESPONSES)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, crashed)
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.limits.max_body_bytes)
     return app
 
 
