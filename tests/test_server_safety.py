@@ -382,3 +382,32 @@ def test_an_outstanding_delta_step_finishes_before_the_error_is_raised(tiny_gguf
     with pytest.raises(TargetFault):
         eng.generate("The capital of", SamplingParams(max_tokens=20, temperature=0.0)).read()
     assert not running                                       # no delta step still in flight
+
+
+def test_serve_stops_generating_and_closes_the_engine(slow, monkeypatch):
+    """Shutting down mid-generation: the running generation is cancelled and awaited before the
+    engine (llama.cpp) is freed."""
+    import asyncio
+
+    import uvicorn
+
+    from cmc_edge.runtime.server import serve
+    from cmc_edge.runtime.server.app import ServerState
+
+    eng, session = slow
+    events = []
+    monkeypatch.setattr(eng, "close", lambda: events.append(("closed", session.calls)))
+
+    def fake_run(app, **kw):                  # a request is generating when the server is told to stop
+        st: ServerState = app.state.cmc
+
+        async def one():
+            return await st.runner.submit(eng.encode("The capital of"), SamplingParams(max_tokens=200),
+                                          alphas=[1.0], deadline=time.monotonic() + 60)
+        asyncio.new_event_loop().run_until_complete(one())
+        time.sleep(0.3)
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    serve(eng, ServerSettings(model_name="tiny"))
+    closed_at = events[-1][1]
+    time.sleep(0.3)
+    assert events == [("closed", closed_at)] and session.calls == closed_at < 30   # nothing ran after close

@@ -368,12 +368,15 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> FastAPI:
 
 
 def serve(engine, settings: ServerSettings) -> int:
-    """Serve ``engine`` until interrupted (uvicorn), then close it."""
+    """Serve ``engine`` until interrupted (uvicorn); then stop the running generation and close the engine."""
     import uvicorn
 
     try:
         app = create_app(engine, settings)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        try:
+            uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        finally:
+            app.state.cmc.runner.close()
     finally:
         engine.close()
     return 0

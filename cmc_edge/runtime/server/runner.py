@@ -61,6 +61,7 @@ class EngineRunner:
         self._waiting = 0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmc-engine")
         self._mean_s = 1.0                           # running mean of a generation's time, for Retry-After
+        self._current: Job | None = None
 
     @property
     def waiting(self) -> int:
@@ -86,7 +87,7 @@ class EngineRunner:
         finally:
             self._waiting -= 1
         loop = asyncio.get_running_loop()
-        job = Job(loop)
+        job = self._current = Job(loop)
         try:
             fut = self._thread.submit(self._work, job, prompt, params, alphas, deadline)
         except BaseException:
@@ -111,4 +112,8 @@ class EngineRunner:
             self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - t0)
 
     def close(self) -> None:
+        """Stop the running generation (before its next token) and wait for the engine thread, so the
+        engine can be closed safely."""
+        if self._current is not None:
+            self._current.cancel.set()
         self._thread.shutdown(wait=True)
