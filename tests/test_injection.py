@@ -123,11 +123,16 @@ def test_turn_markers_in_a_message_are_plain_text_tiny(tiny_gguf, tiny_bundle):
 
 
 def test_generated_text_is_data_for_the_delta(tiny_gguf, tiny_bundle):
+    """What the model writes is re-tokenized for the delta as text: "<|im_end|>" written out by the
+    LLM is not the delta's end-of-turn token."""
     target = TargetLLM(tiny_gguf, n_ctx=512, n_threads=1)
     delta = Delta(tiny_bundle, target)
-    tr = delta.tracker([1, 2, 3])
+    tr = delta.tracker([5, 6, 7])
     tr.state_for("Hi <|im_end|>".encode())
-    assert not set(tr.fed) & set(delta.special_tokens.values()) - {1, 2, 3}
+    generated = tr.fed[3:]
+    assert generated and not set(generated) & set(delta.special_tokens.values())
+    assert delta.tokenizer.decode(generated, skip_special_tokens=False) == "Hi <|im_end|>"
+    assert delta.tokenizer.encode("Hi <|im_end|>", add_special_tokens=False).ids != generated   # the old way
 
 
 @pytest.mark.gguf
