@@ -19,7 +19,8 @@ def _add_target_args(p):
     p.add_argument("--model", "-m", default="smollm2",
                    help="target GGUF file, or a packaged model name: smollm2, gemma3 (default: smollm2)")
     p.add_argument("--delta", "-d", action="append", default=[], metavar="BUNDLE",
-                   help="delta bundle directory (repeat for several deltas)")
+                   help="delta bundle directory, or NAME=DIR to name it (default name: the directory's); "
+                        "repeat for several deltas")
     p.add_argument("--alpha", "-a", action="append", type=float, default=None,
                    help="alpha per delta, in --delta order (default: each bundle's own); 0 disables")
     p.add_argument("--no-delta", action="store_true", help="run the plain model (for comparison)")
@@ -61,40 +62,34 @@ def _sampling(args):
 
 
 def build_engine(args):
-    from cmc_edge.models import resolve_model
-    from cmc_edge.runtime.engine import Delta, Engine
-    from cmc_edge.runtime.target import TargetLLM
+    from cmc_edge.runtime.engine import build_engine as build
 
-    if args.alpha and len(args.alpha) != len(args.delta):
-        raise CmcError(f"{len(args.alpha)} --alpha values for {len(args.delta)} --delta bundles",
-                       fix="give one --alpha per --delta, in the same order")
-    target = TargetLLM(resolve_model(args.model), n_ctx=args.n_ctx, n_threads=args.threads,
-                       n_gpu_layers=args.n_gpu_layers, seed=getattr(args, "seed", None) or 0)
-    deltas = []
-    if not args.no_delta:
-        for i, b in enumerate(args.delta):
-            alpha = args.alpha[i] if args.alpha else None
-            deltas.append(Delta(b, target, alpha=alpha, variant=_variant(args)))
-    return Engine(target, deltas)
+    return build(args.model, [] if args.no_delta else args.delta,
+                 alphas=None if args.no_delta else args.alpha, n_ctx=args.n_ctx, n_threads=args.threads,
+                 n_gpu_layers=args.n_gpu_layers, seed=getattr(args, "seed", None) or 0, variant=_variant(args))
 
 
 def cmd_generate(args) -> int:
-    engine = build_engine(args)
     params = _sampling(args)
-    if args.raw:
-        gen = engine.generate(args.prompt, params)
-    else:
-        gen = engine.chat([{"role": "user", "content": args.prompt}], params, chat_template=args.chat_template)
-    for chunk in gen:
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
+    with build_engine(args) as engine:
+        if args.raw:                         # the operator's own text: its special tokens are parsed
+            gen = engine.generate(args.prompt, params)
+        else:
+            gen = engine.chat([{"role": "user", "content": args.prompt}], params, chat_template=args.chat_template)
+        for chunk in gen:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     print(f"[{len(gen.tokens)} tokens, {gen.tokens_per_s:.1f} tok/s, finish: {gen.finish_reason}]", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
-    engine = build_engine(args)
+    with build_engine(args) as engine:
+        return _chat_loop(engine, args)
+
+
+def _chat_loop(engine, args) -> int:
     params = _sampling(args)
     history: list[dict] = []
     if args.system:
@@ -237,9 +232,27 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from cmc_edge.runtime.server import serve
+    import dataclasses
 
-    return serve(args)
+    from cmc_edge.runtime.policy import build_policies
+    from cmc_edge.runtime.server import ServerLimits, ServerSettings, serve
+
+    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                          request_timeout_s=args.request_timeout, max_queue=args.max_queue,
+                          max_body_bytes=args.max_body_bytes)
+    settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+                              allow_raw_prompts=args.allow_raw_prompts)     # checks the address before the slow load
+    engine = build_engine(args)
+    try:
+        policies = build_policies(engine.deltas, enforce=args.enforce, optional=args.optional)
+    except BaseException:
+        engine.close()
+        raise
+    for p in policies:
+        print(f"delta {p.name}: alpha {p.alpha:g}, {p.mode}"
+              + (f" (requests may not go below {p.min_alpha:g})" if p.mode == "enforced" else ""), file=sys.stderr)
+    settings = dataclasses.replace(settings, model_name=engine.target.path.stem, policies=policies)
+    return serve(engine, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="stop a generation that runs longer (waiting included): HTTP 504, or an SSE error event "
                         "mid-stream (default: 120)")
+    p.add_argument("--max-queue", type=int, default=16, metavar="N",
+                   help="requests that may wait for the model; more get HTTP 429 with Retry-After (default: 16)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    p.add_argument("--enforce", action="append", default=[], metavar="NAME[=MIN_ALPHA]",
+                   help="requests cannot switch this delta off, invert it, or lower its alpha below MIN_ALPHA "
+                        "(default: its alpha); unlearning bundles are enforced by default (repeatable)")
+    p.add_argument("--optional", action="append", default=[], metavar="NAME",
+                   help="requests may set this delta's alpha, 0 switching it off; the default for bundles not "
+                        "trained to unlearn (repeatable)")
+    p.add_argument("--allow-raw-prompts", action="store_true",
+                   help="parse special tokens in /v1/completions prompts (trusted clients only: it lets them "
+                        "write any control token); chat message contents are always plain text")
 
     p = sub.add_parser("eval", help="score a delta on your own questions: each model at alpha 0 and at each --alpha")
     p.add_argument("--delta", "-d", required=True, metavar="BUNDLE")

@@ -45,3 +45,14 @@ class DeltaFault(CmcError):
 
 class GenerationTimeout(CmcError):
     """Generation ran past its deadline (the server's per-request timeout) and was stopped."""
+
+
+class TargetFault(CmcError):
+    """llama.cpp failed while evaluating or sampling the target LLM. Generation stops; nothing sampled
+    after the failure is emitted."""
+
+    exit_code = 3
+
+
+class PolicyError(CmcError):
+    """A request asked for something the operator's policy forbids (e.g. switching off an enforced filter)."""

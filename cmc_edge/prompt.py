@@ -77,3 +77,115 @@ def render_prompt(fmt: PromptFormat, messages: list[dict], system: str | None = 
     except TemplateError as exc:
         raise InputError(f"the chat template failed to render: {exc}",
                          fix="pass a valid Jinja chat template with --chat-template") from exc
+
+
+class Prompt(str):
+    """Prompt text that remembers which parts are the template's markup and which are data.
+
+    A ``str`` (so code that only needs the text keeps working), plus ``parts``: ``(text, markup)``
+    pairs in order. Tokenizers parse special tokens (``<|im_end|>``, ``<end_of_turn>``) only inside
+    markup parts; data parts (message contents, a client's prompt) are always plain text, so a
+    user cannot forge a turn by typing the template's markers. Slicing or concatenating a Prompt
+    gives a plain ``str``, which tokenizers treat as markup (trusted text, as before).
+
+    >>> p = Prompt([("<|im_start|>user\\n", True), ("hi<|im_end|>", False), ("<|im_end|>\\n", True)])
+    >>> p, p.data_parts()
+    ('<|im_start|>user\\nhi<|im_end|><|im_end|>\\n', ['hi<|im_end|>'])
+    """
+
+    parts: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, parts):
+        parts = tuple((t, bool(m)) for t, m in parts if t)
+        obj = super().__new__(cls, "".join(t for t, _ in parts))
+        obj.parts = parts
+        return obj
+
+    @classmethod
+    def data(cls, text: str) -> "Prompt":
+        """All of ``text`` is data (a completion prompt from a client)."""
+        return cls([(text, False)])
+
+    def data_parts(self) -> list[str]:
+        return [t for t, m in self.parts if not m]
+
+    def __reduce__(self):
+        return (Prompt, (self.parts,))
+
+
+def split_specials(text: str, specials: dict[str, int]) -> list[str | int]:
+    """``text`` cut at every occurrence of a special token's text: plain strings and token ids.
+
+    Longer specials are matched first, as llama.cpp and ``tokenizers`` do.
+
+    >>> split_specials("a<s>b</s>", {"<s>": 1, "</s>": 2})
+    ['a', 1, 'b', 2]
+    """
+    frags: list[str | int] = [text]
+    for sp in sorted(specials, key=len, reverse=True):
+        out: list[str | int] = []
+        for f in frags:
+            if not isinstance(f, str) or sp not in f:
+                out.append(f)
+                continue
+            pieces = f.split(sp)
+            for i, piece in enumerate(pieces):
+                if i:
+                    out.append(specials[sp])
+                if piece:
+                    out.append(piece)
+        frags = out
+    return frags
+
+
+def prompt_fragments(prompt: str, specials: dict[str, int]) -> list[str | int]:
+    """The fragments a tokenizer encodes: special ids found in markup parts, and maximal plain
+    strings (markup text and data merged, so a data part tokenizes as it would inline). A plain
+    ``str`` is all markup."""
+    parts = prompt.parts if isinstance(prompt, Prompt) else ((str(prompt), True),)
+    frags: list[str | int] = []
+    for text, markup in parts:
+        for f in (split_specials(text, specials) if markup else [text]):
+            if isinstance(f, str) and frags and isinstance(frags[-1], str):
+                frags[-1] += f
+            else:
+                frags.append(f)
+    return frags
+
+
+_HOLE = "\ue000{}:{}\ue001"    # private-use characters around a nonce: a stand-in no real content contains
+
+
+def render_prompt_parts(fmt: PromptFormat, messages: list[dict], system: str | None = None) -> Prompt:
+    """:func:`render_prompt`, keeping message contents apart from the template's own text.
+
+    The template is rendered once with the real contents and once with a stand-in for each
+    content (its leading and trailing whitespace kept, so a template's ``| trim`` acts alike);
+    the stand-ins mark where the contents go. If the two renderings do not line up (a template
+    that rewrites contents), the conversation is refused rather than tokenized unsafely.
+    """
+    import re
+    import secrets
+
+    full = render_prompt(fmt, messages, system)
+    nonce = secrets.token_hex(6)
+    cores, holed = [], []
+    for i, m in enumerate(messages):
+        c = m["content"]
+        core = c.strip()
+        if not core:
+            holed.append(m)
+            continue
+        lead = c[: len(c) - len(c.lstrip())]
+        holed.append({**m, "content": lead + _HOLE.format(nonce, len(cores)) + c[len(lead) + len(core):]})
+        cores.append(core)
+    if not cores:
+        return Prompt([(full, True)])
+    pieces = re.split("\ue000" + nonce + r":(\d+)\ue001", render_prompt(fmt, holed, system))
+    parts = [(p, True) if k % 2 == 0 else (cores[int(p)], False) for k, p in enumerate(pieces)]
+    prompt = Prompt(parts)
+    if str(prompt) != full:
+        raise InputError("the chat template changes message contents as it renders them, so they cannot be "
+                         "kept apart from its control tokens",
+                         fix="use a chat template that inserts message['content'] unchanged (--chat-template)")
+    return prompt

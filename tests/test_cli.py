@@ -23,7 +23,8 @@ def test_help_is_instant_and_imports_nothing_heavy():
 
 def test_runtime_imports_no_torch():
     code = ("import sys, cmc_edge.runtime.engine, cmc_edge.runtime.sync, cmc_edge.runtime.target, "
-            "cmc_edge.runtime.bundle, cmc_edge.runtime.onnx_delta, cmc_edge.tokenmap; "
+            "cmc_edge.runtime.bundle, cmc_edge.runtime.onnx_delta, cmc_edge.tokenmap, cmc_edge.runtime.policy, "
+            "cmc_edge.runtime.server; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"

@@ -51,6 +51,9 @@ class FaultyDelta:
         self.mapped = MappedHead(self.head, np.arange(vocab), np.ones(vocab, bool))
         self.prompt_format = PromptFormat(chat_template=None)
 
+    def encode(self, text):
+        return [1, 2, 3]
+
     def tracker(self, prompt):
         self.session.reset()
         return DeltaTracker(self.session, lambda s: [ord(c) % 200 for c in s], [1, 2, 3])

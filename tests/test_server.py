@@ -62,9 +62,9 @@ def engine(tiny_gguf, tiny_bundle):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    from cmc_edge.runtime.server import ServerLimits, create_app
+    from cmc_edge.runtime.server import ServerLimits, ServerSettings, create_app
 
-    app = create_app(engine, model_name="tiny", limits=ServerLimits(max_tokens=64, max_prompt_tokens=200))
+    app = create_app(engine, ServerSettings(model_name="tiny", limits=ServerLimits(max_tokens=64, max_prompt_tokens=200)))
     with LiveServer(app) as live:
         yield live
 
@@ -141,9 +141,9 @@ def test_concurrent_requests_are_served_safely(client):
 
 
 def test_api_key_required_when_set(engine):
-    from cmc_edge.runtime.server import create_app
+    from cmc_edge.runtime.server import ServerSettings, create_app
 
-    with LiveServer(create_app(engine, model_name="tiny", api_key="s3cret")) as live:
+    with LiveServer(create_app(engine, ServerSettings(model_name="tiny", api_key="s3cret"))) as live:
         bad = openai.OpenAI(base_url=live.url, api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
@@ -152,25 +152,24 @@ def test_api_key_required_when_set(engine):
 
 
 def test_refuses_public_bind_without_key():
-    import argparse
-
     from cmc_edge.errors import InputError
-    from cmc_edge.runtime.server import serve
+    from cmc_edge.runtime.server import ServerSettings
 
     with pytest.raises(InputError, match="API key"):
-        serve(argparse.Namespace(host="0.0.0.0", api_key=None))
+        ServerSettings(host="0.0.0.0", api_key=None)
+    assert ServerSettings(host="0.0.0.0", api_key="k").host == "0.0.0.0"
 
 
 def test_delta_fault_is_a_500_and_stream_error(tiny_gguf):
     from test_fail_closed import FaultyDelta
 
     from cmc_edge.runtime.engine import Engine
-    from cmc_edge.runtime.server import create_app
+    from cmc_edge.runtime.server import ServerSettings, create_app
     from cmc_edge.runtime.target import TargetLLM
 
     target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
     eng = Engine(target, [FaultyDelta(target.n_vocab, ok_calls=2, mode="raise")])
-    with LiveServer(create_app(eng, model_name="tiny")) as live:
+    with LiveServer(create_app(eng, ServerSettings(model_name="tiny"))) as live:
         c = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
         with pytest.raises(openai.InternalServerError):
             c.completions.create(model="tiny", prompt="hello", max_tokens=30, temperature=1.0, seed=1)
@@ -187,7 +186,7 @@ def test_request_timeout_stops_generation_with_504_and_the_server_stays_usable(t
 
     from cmc_edge.errors import GenerationTimeout
     from cmc_edge.runtime.engine import Engine, SamplingParams
-    from cmc_edge.runtime.server import ServerLimits, create_app
+    from cmc_edge.runtime.server import ServerLimits, ServerSettings, create_app
     from cmc_edge.runtime.target import TargetLLM
 
     target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
@@ -206,7 +205,7 @@ def test_request_timeout_stops_generation_with_504_and_the_server_stays_usable(t
         gen.read()
     assert len(gen.tokens) < 40                      # stopped in the decode loop
     limits = ServerLimits(max_tokens=64, request_timeout_s=0.5)
-    with LiveServer(create_app(eng, model_name="tiny", limits=limits)) as live:
+    with LiveServer(create_app(eng, ServerSettings(model_name="tiny", limits=limits))) as live:
         c = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
         t0 = time.monotonic()
         with pytest.raises(openai.APIStatusError) as e:
@@ -226,15 +225,13 @@ def test_request_timeout_stops_generation_with_504_and_the_server_stays_usable(t
 
 
 def test_serve_passes_request_timeout(tiny_gguf, monkeypatch):
-    import uvicorn
-
     import cmc_edge.runtime.server as server
     from cmc_edge.cli import main
 
     seen = {}
-    monkeypatch.setattr(server, "create_app", lambda engine, **kw: seen.update(kw))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
-    assert main(["serve", "--model", str(tiny_gguf), "--no-delta", "--request-timeout", "7.5"]) == 0
-    assert seen["limits"].request_timeout_s == 7.5
+    monkeypatch.setattr(server, "serve", lambda engine, settings: seen.update(settings=settings) or 0)
+    assert main(["serve", "--model", str(tiny_gguf), "--no-delta", "--request-timeout", "7.5", "--max-queue", "3"]) == 0
+    assert seen["settings"].limits.request_timeout_s == 7.5 and seen["settings"].limits.max_queue == 3
     assert main(["serve", "--model", str(tiny_gguf), "--no-delta"]) == 0
-    assert seen["limits"].request_timeout_s == 120.0
+    assert seen["settings"].limits.request_timeout_s == 120.0
+    assert seen["settings"].model_name == "tiny" and seen["settings"].policies == ()

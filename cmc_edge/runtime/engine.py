@@ -26,8 +26,10 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -35,8 +37,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cmc_edge.combine import log_softmax_np
-from cmc_edge.errors import CmcError, DeltaFault, GenerationTimeout, InputError
-from cmc_edge.prompt import PromptFormat, render_prompt
+from cmc_edge.errors import CmcError, DeltaFault, GenerationTimeout, InputError, TargetFault
+from cmc_edge.prompt import Prompt, PromptFormat, prompt_fragments, render_prompt_parts
 from cmc_edge.runtime.shift import MappedHead, add_shift_, sampler_top_k, shifted_argmax
 from cmc_edge.runtime.sync import DeltaTracker, TailEncoder
 
@@ -78,6 +80,20 @@ def spare_cores(llama_threads: int | None) -> int:
     return max(0, cores - (llama_threads or cores))
 
 
+@contextmanager
+def _blame(error: type[CmcError], what: str):
+    """Turn any exception from the block into ``error`` (typed errors pass through): a llama.cpp
+    failure is a :class:`TargetFault`, a delta's a :class:`DeltaFault`, never the other way round."""
+    try:
+        yield
+    except CmcError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - fail closed, saying which side failed
+        fix = ("check the delta bundle and token map (`cmc-edge inspect`, `cmc-edge map --stats`)"
+               if error is DeltaFault else "check the GGUF model and llama.cpp's resources (memory, --n-ctx)")
+        raise error(f"{what}: {exc!r}", fix=fix) from exc
+
+
 def check_alpha(alpha: float) -> float:
     try:
         a = float(alpha)
@@ -113,6 +129,12 @@ class Delta:
         text = self.bundle.tokenizer_path.read_text(encoding="utf-8")          # read and parsed once
         parsed = parse_tokenizer_json(self.bundle.tokenizer_path, text)
         self.tokenizer = Tokenizer.from_str(text)
+        # A second copy that reads special tokens' texts as plain text: for data (message contents,
+        # generated text), which must never become the delta's control tokens.
+        self.plain_tokenizer = Tokenizer.from_str(text)
+        self.plain_tokenizer.encode_special_tokens = True
+        self.special_tokens = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items()
+                               if t.special}
         self.tail_encoding = TailEncoder.applies(parsed)
         delta_vocab = read_tokenizer_json(self.bundle.tokenizer_path, parsed)
         if delta_vocab.hash != self.bundle.delta_vocab_hash:
@@ -128,13 +150,32 @@ class Delta:
         self.head = self.session.head
         self.mapped = MappedHead(self.head, self.map.index, self.map.mask)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    @property
+    def objective(self) -> str | None:
+        """The training objective the bundle records ("sft", "unlearn-idk", ...; None if unknown)."""
+        obj = self.bundle.manifest.get("objective")
+        return obj if isinstance(obj, str) else None
 
-    def tracker(self, prompt_text: str) -> DeltaTracker:
+    def encode(self, text: str) -> list[int]:
+        """The delta's ids for ``text``: special tokens parsed only in a :class:`Prompt`'s markup
+        parts; a plain ``str`` is trusted markup (special tokens parsed everywhere)."""
+        if not isinstance(text, Prompt):
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        for frag in prompt_fragments(text, self.special_tokens):
+            ids.extend(self.encode_plain(frag) if isinstance(frag, str) else [frag])
+        return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """The delta's ids for data: a special token's text is encoded as ordinary text."""
+        return self.plain_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tracker(self, prompt: str | Sequence[int]) -> DeltaTracker:
+        """A tracker that has read ``prompt`` (text, or the delta's ids for it); generated text is data."""
         self.session.reset()
-        tail = TailEncoder(self.tokenizer) if self.tail_encoding else None
-        return DeltaTracker(self.session, self.encode, self.encode(prompt_text), tail=tail)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        tail = TailEncoder(self.plain_tokenizer) if self.tail_encoding else None
+        return DeltaTracker(self.session, self.encode_plain, ids, tail=tail)
 
 
 class TextStream:
@@ -199,8 +240,21 @@ class Generation:
         return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt tokenized for the target (``target``) and for each delta (``deltas[i]``)."""
+
+    target: list[int]
+    deltas: list[list[int]]
+
+
 class Engine:
-    """A target LLM plus any number of deltas (each with its own alpha and token map)."""
+    """A target LLM plus any number of deltas (each with its own alpha and token map).
+
+    One generation at a time (the target's KV cache and the deltas' sessions are shared); a
+    server serializes requests in front of it. Use it as a context manager, or call
+    :meth:`close`, to free llama.cpp's memory and the delta worker thread.
+    """
 
     def __init__(self, target, deltas: Sequence[Delta] = (), *, overlap: bool | None = None):
         self.target = target
@@ -210,64 +264,100 @@ class Engine:
         self.overlap = overlap
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmc-delta") if overlap else None
 
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- prompts -----------------------------------------------------------------------------
-    def chat_prompts(self, messages: list[dict], chat_template: str | None = None) -> tuple[str, list[str]]:
-        """(target prompt text, one delta prompt text per delta): each side in its own format."""
+    def chat_prompts(self, messages: list[dict], chat_template: str | None = None) -> tuple[Prompt, list[Prompt]]:
+        """(target prompt, one delta prompt per delta): each side in its own format, message
+        contents kept apart as data (:class:`~cmc_edge.prompt.Prompt`)."""
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
                     "system", "user", "assistant"):
-                raise InputError(f"bad chat message {m!r}",
+                raise InputError(f"bad chat message {str(m)[:80]!r}",
                                  fix='messages are {"role": "system"|"user"|"assistant", "content": str}')
-        tgt = render_prompt(self.target.prompt_format(chat_template), messages)
-        return tgt, [render_prompt(d.prompt_format, messages) for d in self.deltas]
+        tgt = render_prompt_parts(self.target.prompt_format(chat_template), messages)
+        return tgt, [render_prompt_parts(d.prompt_format, messages) for d in self.deltas]
+
+    def chat_params(self, params: SamplingParams, chat_template: str | None = None) -> SamplingParams:
+        """``params`` plus the stop strings the target's chat layout needs (the base-model Q/A layout's)."""
+        extra = tuple(x for x in self.target.prompt_format(chat_template).stop if x not in params.stop)
+        return dataclasses.replace(params, stop=params.stop + extra) if extra else params
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams(), *,
              alphas: Sequence[float] | None = None, chat_template: str | None = None) -> Generation:
         tgt, dps = self.chat_prompts(messages, chat_template)
-        extra = tuple(x for x in self.target.prompt_format(chat_template).stop if x not in params.stop)
-        if extra:
-            params = dataclasses.replace(params, stop=params.stop + extra)
-        return self.generate(tgt, params, delta_prompts=dps, alphas=alphas)
+        return self.generate(tgt, self.chat_params(params, chat_template), delta_prompts=dps, alphas=alphas)
 
-    # -- decoding ----------------------------------------------------------------------------
-    def generate(self, prompt: str, params: SamplingParams = SamplingParams(), *,
-                 delta_prompts: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
-                 deadline: float | None = None) -> Generation:
-        """Complete ``prompt`` (target format). Each delta reads ``delta_prompts[i]`` (default: the
-        same text) followed by the generated text. ``alphas`` overrides the deltas' alphas. Past
-        ``deadline`` (a ``time.monotonic()`` value) generation stops with :class:`GenerationTimeout`."""
-        if alphas is not None and len(alphas) != len(self.deltas):
-            raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
-        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+    def encode(self, prompt: str, delta_prompts: Sequence[str] | None = None) -> EncodedPrompt:
+        """Tokenize ``prompt`` for the target and ``delta_prompts[i]`` (default: ``prompt``) for each
+        delta. A :class:`~cmc_edge.prompt.Prompt` keeps its data parts plain text on both sides; a
+        plain ``str`` is trusted markup. Reads only the vocabularies: safe beside a running generation."""
         delta_prompts = list(delta_prompts) if delta_prompts is not None else [prompt] * len(self.deltas)
+        if len(delta_prompts) != len(self.deltas):
+            raise InputError(f"{len(delta_prompts)} delta prompts given for {len(self.deltas)} deltas",
+                             fix="give one delta prompt per delta")
         ptoks = self.target.tokenize(prompt)
+        if not ptoks:
+            raise InputError("the prompt is empty (no tokens)", fix="send some text")
         if len(ptoks) >= self.target.n_ctx:
             raise InputError(f"the prompt has {len(ptoks)} tokens but the context holds {self.target.n_ctx}",
                              fix="shorten the prompt or raise --n-ctx")
-        gen = Generation(prompt_tokens=len(ptoks))
-        gen._it = self._run(ptoks, params, delta_prompts, alphas, gen, deadline)
+        try:
+            dids = [d.encode(p) for d, p in zip(self.deltas, delta_prompts)]
+        except CmcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a delta's tokenizer failing is a delta fault
+            raise DeltaFault(f"the delta's tokenizer failed on the prompt: {exc!r}",
+                             fix="check the bundle with `cmc-edge inspect`") from exc
+        return EncodedPrompt(ptoks, dids)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def generate(self, prompt: str | EncodedPrompt, params: SamplingParams = SamplingParams(), *,
+                 delta_prompts: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
+                 deadline: float | None = None, cancel: threading.Event | None = None) -> Generation:
+        """Complete ``prompt`` (target format; see :meth:`encode`). Each delta reads
+        ``delta_prompts[i]`` (default: the same text) followed by the generated text. ``alphas``
+        overrides the deltas' alphas. Past ``deadline`` (a ``time.monotonic()`` value) generation
+        stops with :class:`GenerationTimeout`; once ``cancel`` is set it stops before the next token
+        (finish reason "cancelled"). Errors are typed: :class:`TargetFault` (llama.cpp),
+        :class:`DeltaFault` (a delta); either way no token sampled after the failure is emitted."""
+        if alphas is not None and len(alphas) != len(self.deltas):
+            raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
+        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+        enc = prompt if isinstance(prompt, EncodedPrompt) else self.encode(prompt, delta_prompts)
+        gen = Generation(prompt_tokens=len(enc.target))
+        gen._it = self._run(enc, params, alphas, gen, deadline, cancel)
         return gen
 
-    def _run(self, ptoks, params, delta_prompts, alphas, gen: Generation, deadline=None) -> Iterator[str]:
+    def _run(self, enc: EncodedPrompt, params, alphas, gen: Generation, deadline=None, cancel=None) -> Iterator[str]:
         import llama_cpp
 
         llm = self.target.llm
         t0 = time.perf_counter()
-        active, trackers = self._start(delta_prompts, alphas)
-        llm.reset()
-        llm.eval(ptoks)
-        seed = params.seed if params.seed is not None else llm._seed
-        llm.set_seed(seed)
-        sampler = llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                                    temp=params.temperature, repeat_penalty=params.repeat_penalty)
-        stream = TextStream(params.stop)
-        gen_bytes = b""
-        states = [tr.last_state for tr in trackers]
-        n_vocab = self.target.n_vocab
-        top_k = sampler_top_k(params.temperature, params.top_k, params.repeat_penalty)
-        stopped = False
+        active, trackers = self._start(enc.deltas, alphas)
+        sampler = None
+        fut = None
         try:
+            with _blame(TargetFault, "llama.cpp failed on the prompt"):
+                llm.reset()
+                llm.eval(enc.target)
+                llm.set_seed(params.seed if params.seed is not None else llm._seed)
+                sampler = llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                                            temp=params.temperature, repeat_penalty=params.repeat_penalty)
+            stream = TextStream(params.stop)
+            gen_bytes = b""
+            states = [tr.last_state for tr in trackers]
+            n_vocab = self.target.n_vocab
+            top_k = sampler_top_k(params.temperature, params.top_k, params.repeat_penalty)
+            stopped = False
             for step in range(params.max_tokens):
+                if cancel is not None and cancel.is_set():
+                    gen.finish_reason = "cancelled"
+                    return
                 if deadline is not None and time.monotonic() > deadline:
                     raise GenerationTimeout(f"generation ran past its time limit after {len(gen.tokens)} tokens",
                                             fix="ask for fewer tokens, or allow more time "
@@ -275,31 +365,35 @@ class Engine:
                 if llm.n_tokens >= self.target.n_ctx:
                     gen.finish_reason = "length"
                     break
+                token = None
                 if active:
-                    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-                    logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
-                    for (d, _, _), h in zip(active, states):
-                        if not np.isfinite(h.sum(dtype=np.float64)):
-                            raise DeltaFault(f"delta {d.name} produced non-finite logits at token {step}",
-                                             fix="re-export the bundle; check it with `cmc-edge inspect`")
-                    parts = [(d.mapped, h, a) for (d, a, _), h in zip(active, states)]
-                    # greedy: the exact best candidate is the token (no sampler pass over the vocabulary)
-                    token = shifted_argmax(logits, parts) if top_k == 1 else None
-                    if token is None and not add_shift_(logits, parts, k=None if top_k == 1 else top_k):
-                        gen.full_shift_steps += 1
-                else:
-                    token = None
+                    with _blame(DeltaFault, f"the delta shift failed at token {step}"):
+                        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+                        logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+                        for (d, _, _), h in zip(active, states):
+                            if not np.isfinite(h.sum(dtype=np.float64)):
+                                raise DeltaFault(f"delta {d.name} produced non-finite logits at token {step}",
+                                                 fix="re-export the bundle; check it with `cmc-edge inspect`")
+                        parts = [(d.mapped, h, a) for (d, a, _), h in zip(active, states)]
+                        # greedy: the exact best candidate is the token (no sampler pass over the vocabulary)
+                        token = shifted_argmax(logits, parts) if top_k == 1 else None
+                        if token is None and not add_shift_(logits, parts, k=None if top_k == 1 else top_k):
+                            gen.full_shift_steps += 1
                 if token is None:
-                    token = sampler.sample(llm._ctx, -1)
+                    with _blame(TargetFault, f"llama.cpp's sampler failed at token {step}"):
+                        token = sampler.sample(llm._ctx, -1)
                 if self.target.is_eog(token):
                     gen.finish_reason = "stop"
                     break
                 gen.tokens.append(token)
                 gen_bytes += self.target.piece(token)
                 fut = self._pool.submit(self._sync_all, trackers, gen_bytes) if (active and self._pool) else None
-                llm.eval([token])
+                with _blame(TargetFault, f"llama.cpp failed to evaluate token {step}"):
+                    llm.eval([token])
                 if active:
-                    states = fut.result() if fut is not None else self._sync_all(trackers, gen_bytes)
+                    with _blame(DeltaFault, f"the delta step failed at token {step}"):
+                        f, fut = fut, None
+                        states = f.result() if f is not None else self._sync_all(trackers, gen_bytes)
                 chunk, stopped = stream.push(self.target.piece(token))
                 if chunk:
                     yield chunk
@@ -315,25 +409,19 @@ class Engine:
         except CmcError:
             gen.finish_reason = "error"
             raise
-        except Exception as exc:  # noqa: BLE001 - fail closed on anything from the delta path
-            gen.finish_reason = "error"
-            raise DeltaFault(f"generation stopped after {len(gen.tokens)} tokens: {exc!r}",
-                             fix="check the delta bundle and token map (`cmc-edge inspect`, `cmc-edge map --stats`)") from exc
         finally:
+            if fut is not None:              # the delta's step is still running: let it finish before
+                wait([fut])                   # its session is reset by the next generation
             gen.seconds = time.perf_counter() - t0
             gen.resyncs = sum(tr.resyncs for tr in trackers)
-            sampler.close()
+            if sampler is not None:
+                sampler.close()
 
-    def _start(self, delta_prompts, alphas):
+    def _start(self, delta_ids, alphas):
         """The deltas with a non-zero alpha, each with a tracker that has read its prompt."""
-        active = [(d, a, p) for d, a, p in zip(self.deltas, alphas, delta_prompts) if a != 0.0]
-        try:
+        active = [(d, a, p) for d, a, p in zip(self.deltas, alphas, delta_ids) if a != 0.0]
+        with _blame(DeltaFault, "the delta failed on the prompt"):
             return active, [d.tracker(p) for d, _, p in active]
-        except CmcError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any delta failure must stop generation
-            raise DeltaFault(f"the delta failed on the prompt: {exc!r}",
-                             fix="check the bundle with `cmc-edge inspect`") from exc
 
     def score_reply(self, messages: list[dict], reply: str, *, alphas: Sequence[float] | None = None) -> np.ndarray:
         """Teacher-forced negative log-likelihood (nats) of each token of ``reply`` as the assistant's
@@ -393,6 +481,51 @@ class Engine:
     def _sync_all(trackers, gen_bytes: bytes) -> list[np.ndarray]:
         return [tr.state_for(gen_bytes) for tr in trackers]
 
-    def close(self):
+    def close(self) -> None:
+        """Wait for the delta worker thread and free llama.cpp's model; the engine is unusable after."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False)
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        close = getattr(self.target, "close", None)
+        if close is not None:
+            close()
+
+
+def parse_delta_spec(spec: str | Path) -> tuple[str | None, Path]:
+    """``"NAME=PATH"`` names a delta; a bare path is named after its directory.
+
+    >>> parse_delta_spec("json=runs/a/bundle"), parse_delta_spec("runs/filter")
+    (('json', PosixPath('runs/a/bundle')), (None, PosixPath('runs/filter')))
+    """
+    text = str(spec)
+    name, sep, path = text.partition("=")
+    if sep and name and not Path(text).exists() and all(c.isalnum() or c in "-_." for c in name):
+        return name, Path(path)
+    return None, Path(text)
+
+
+def build_engine(model: str | Path, deltas: Sequence[str | Path] = (), *, alphas: Sequence[float] | None = None,
+                 n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0, seed: int = 0,
+                 variant: str | None = None) -> Engine:
+    """An engine for a GGUF (path or packaged name: smollm2, gemma3) and delta bundles (``PATH`` or
+    ``NAME=PATH``), each at ``alphas[i]`` (default: the bundle's own). Delta names must be unique."""
+    from cmc_edge.models import resolve_model
+    from cmc_edge.runtime.target import TargetLLM
+
+    if alphas and len(alphas) != len(deltas):
+        raise InputError(f"{len(alphas)} --alpha values for {len(deltas)} --delta bundles",
+                         fix="give one --alpha per --delta, in the same order")
+    specs = [parse_delta_spec(d) for d in deltas]
+    names = [name or path.resolve().name for name, path in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"two deltas are both named {dup[0]!r} (a delta is named after its directory)",
+                         fix="name them: --delta NAME=PATH")
+    target = TargetLLM(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=seed)
+    try:
+        loaded = [Delta(path, target, alpha=alphas[i] if alphas else None, variant=variant, name=names[i])
+                  for i, (_, path) in enumerate(specs)]
+    except BaseException:
+        target.close()
+        raise
+    return Engine(target, loaded)

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cmc_edge.errors import InputError
-from cmc_edge.prompt import QA_STOP, QA_TEMPLATE, PromptFormat
+from cmc_edge.prompt import QA_STOP, QA_TEMPLATE, Prompt, PromptFormat, prompt_fragments
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class TargetLLM:
         self.n_vocab = self.llm.n_vocab()
         self.n_ctx = self.llm.n_ctx()
         self._pieces: dict[int, bytes] = {}
+        self._control: dict[str, int] | None = None
         self.metadata = dict(self.llm.metadata)
 
     # -- vocabulary --------------------------------------------------------------------------
@@ -72,15 +73,46 @@ class TargetLLM:
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
-    def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of ``text``. A :class:`~cmc_edge.prompt.Prompt` parses special tokens only in its
+        markup parts (its data parts are plain text, whatever they contain); a plain ``str`` parses
+        them everywhere (trusted text, e.g. a hand-written template) unless ``special=False``."""
         if add_bos is None:
             add_bos = bool(self._lib.llama_vocab_get_add_bos(self.vocab))
+        if not special or not isinstance(text, Prompt):
+            return self._tokenize(text, add_bos, special)
+        ids = [self._lib.llama_vocab_bos(self.vocab)] if add_bos else []
+        for frag in prompt_fragments(text, self.control_tokens()):
+            ids.extend(self._tokenize(frag, False, False) if isinstance(frag, str) else [frag])
+        return ids
+
+    def _tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
         try:                      # lone surrogates: bytes that were not UTF-8 in argv, or "\udcff" in JSON
             data = text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InputError(f"the text is not valid UTF-8: {exc.reason} at character {exc.start} "
                              f"({text[exc.start:exc.end]!r})", fix="pass UTF-8 text; re-encode the input as UTF-8") from exc
-        return self.llm.tokenize(data, add_bos=add_bos, special=True)
+        return self.llm.tokenize(data, add_bos=add_bos, special=special)
+
+    def control_tokens(self) -> dict[str, int]:
+        """Text -> id of the tokens llama.cpp parses only when told to (control and unknown tokens:
+        ``<|im_end|>``, ``<end_of_turn>``). Its user-defined tokens are ordinary text to it. Read
+        from the vocabulary once (a few hundred ms for 256k tokens)."""
+        if self._control is None:
+            lib = self._lib
+            mask = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
+            found = {}
+            for t in range(self.n_vocab):
+                if lib.llama_vocab_get_attr(self.vocab, t) & mask:
+                    text = lib.llama_vocab_get_text(self.vocab, t).decode("utf-8", errors="replace")
+                    if text:
+                        found.setdefault(text, t)
+            self._control = found
+        return self._control
+
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (not at garbage collection)."""
+        self.llm.close()
 
     # -- logits ------------------------------------------------------------------------------
     def last_logits(self) -> np.ndarray:
