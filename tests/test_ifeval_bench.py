@@ -180,7 +180,7 @@ def test_main_runs_configurations_side_by_side(ifeval, tiny_gguf, bundle, tmp_pa
     assert rc == 0
     report = json.loads(out.read_text())
     subset = [p["key"] for p in ifeval.stratified_subset(recs, 3)]
-    assert report["keys"] == subset and report["prompts"] == 3 and report["of"] == 4
+    assert report["keys"] == subset and report["prompts"] == 3 and report["of"] == 4 and report["threads"] == 1
     base, delta = report["results"]
     assert (base["config"]["name"], base["config"]["alpha"]) == ("base", 0.0)
     assert (delta["config"]["name"], delta["config"]["alpha"]) == ("delta", 20.0)
