@@ -231,6 +231,28 @@ def cmd_demo(args) -> int:
     return 0 if all(c["pass"] for row in res["models"] for c in row["bar"].values()) else 1
 
 
+def cmd_forget(args) -> int:
+    from cmc_edge.recipes.forget import ForgetConfig, run_forget
+
+    keep_prompts = ()
+    if args.keep_prompts:
+        keep_prompts = tuple(line.strip() for line in _read_text(args.keep_prompts, "--keep-prompts").splitlines()
+                             if line.strip())
+    cfg = ForgetConfig(template=args.template, check_models=tuple(args.check_model), steps=args.steps,
+                       seed=args.seed, probes=not args.no_probes, keep_prompts=keep_prompts,
+                       **({"alphas": tuple(args.alpha)} if args.alpha else {}))
+    res = run_forget(args.facts, args.out, cfg, overwrite=args.overwrite)
+    print(res["table"])
+    print(f"\nfilter bundle: {res['bundle']}  (report: {Path(args.out) / 'report.txt'}, report.json, report.png; "
+          f"{res['timings']['total'] / 60:.1f} min)")
+    if res["verdict"] != "PASS":
+        print("\nWARNING: the filter did not pass its own check; read the report before using it.", file=sys.stderr)
+        for w in res["warnings"]:
+            print(f"WARNING: {w}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_serve(args) -> int:
     import dataclasses
 
@@ -271,6 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=["unlearn", "json"], default="unlearn",
                    help="unlearn: the capital-city unlearning filter (default); json: instruction transfer, "
                         "answering as one JSON object")
+
+    p = sub.add_parser("forget", help="make an unlearning filter from a facts file: build the data, train, export, "
+                                      "choose its strength and check it; writes the bundle and a report card")
+    p.add_argument("facts", help='JSONL: {"question", "answer", "aliases": [...], "split": "forget"|"keep", '
+                                 '"subject", "paraphrases": [...]} (see README, "Unlearning your own facts")')
+    p.add_argument("--out", "-o", required=True, help="directory to write: bundle/, checkpoint/, report.*")
+    p.add_argument("--template", default="smollm2", help="template GGUF or packaged name (default: smollm2)")
+    p.add_argument("--check-model", action="append", default=[], metavar="MODEL",
+                   help="also check the filter on this GGUF or packaged model (repeatable), e.g. gemma3")
+    p.add_argument("--keep-prompts", help="text file, one prompt per line: more prompts whose answers must not change")
+    p.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    p.add_argument("--alpha", action="append", type=float, default=None,
+                   help="candidate strengths the recipe chooses from on its validation split (repeatable; "
+                        "default: 0.5, 1, 1.5)")
+    p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("train", help="train a delta beside a frozen template")
     p.add_argument("--template", default="smollm2", help="template GGUF, packaged name or HF directory")
@@ -381,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 HANDLERS = {
-    "demo": cmd_demo, "train": cmd_train, "export": cmd_export, "map": cmd_map, "generate": cmd_generate,
+    "demo": cmd_demo, "forget": cmd_forget, "train": cmd_train, "export": cmd_export, "map": cmd_map, "generate": cmd_generate,
     "chat": cmd_chat, "serve": cmd_serve, "inspect": cmd_inspect, "eval": cmd_eval,
 }
 

@@ -99,3 +99,30 @@ def test_the_delta_step_overlaps_only_with_a_spare_core(tiny_gguf, monkeypatch, 
     monkeypatch.setattr(target.llm, "n_threads", llama_threads)
     assert Engine(target).overlap is overlap
     assert Engine(target, overlap=not overlap).overlap is (not overlap)      # an explicit choice wins
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_logit_bias_bans_tokens_with_and_without_a_delta(tiny_gguf, tmp_path, with_delta):
+    """A -inf bias bans a token (the blocklist baseline); it holds whatever the delta's shift says."""
+    import math
+
+    from cmc_edge.runtime.engine import Delta
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    deltas = []
+    if with_delta:
+        from tiny_checkpoint import make_tiny_bundle
+
+        deltas = [Delta(make_tiny_bundle(tmp_path / "b"), target, alpha=3.0)]
+    eng = Engine(target, deltas)
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    free = eng.generate(PROMPT, params)
+    free.read()
+    banned = tuple(sorted(set(free.tokens)))[:3]
+    biased = eng.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0.0,
+                                                 logit_bias=tuple((t, -math.inf) for t in banned)))
+    biased.read()
+    assert biased.tokens and not set(biased.tokens) & set(banned)
+    assert biased.tokens != free.tokens
+    with pytest.raises(InputError, match="logit_bias"):
+        eng.generate(PROMPT, SamplingParams(max_tokens=2, logit_bias=((10**9, -1.0),))).read()

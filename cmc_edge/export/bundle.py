@@ -175,3 +175,18 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
         bar.update()
     log.info("wrote delta bundle %s", out_dir)
     return out_dir
+
+
+def set_default_alpha(bundle_dir: str | Path, alpha: float, *, reason: str) -> None:
+    """Record the strength a recipe chose for this bundle (``default_alpha``, and why) in its manifest."""
+    import math
+
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise InputError(f"a bundle's default alpha must be a positive finite number, got {alpha!r}",
+                         fix="pass e.g. 1.0")
+    path = Path(bundle_dir) / MANIFEST
+    manifest = read_json(path, "bundle manifest")
+    manifest["default_alpha"] = float(alpha)
+    manifest["default_alpha_reason"] = reason
+    write_json(path, manifest)
+    load_bundle(bundle_dir, verify=False)

@@ -57,6 +57,9 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # (token id, bias) pairs added to the target's logits before the deltas' shift; -inf bans a
+    # token (a blocklist: the baseline the unlearning report measures a filter against).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
@@ -69,6 +72,8 @@ class SamplingParams:
             raise InputError("top_k must be >= 0 and min_p in [0, 1]", fix="e.g. --top-k 40 --min-p 0.05")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InputError("stop sequences must be non-empty strings", fix="drop empty stop strings")
+        if any(not isinstance(t, int) or t < 0 or math.isnan(b) for t, b in self.logit_bias):
+            raise InputError("logit_bias needs (token id >= 0, bias) pairs", fix="e.g. ((42, -inf),) bans token 42")
 
 
 def spare_cores(llama_threads: int | None) -> int:
@@ -341,6 +346,12 @@ class Engine:
         active, trackers = self._start(enc.deltas, alphas)
         sampler = None
         fut = None
+        n_vocab = self.target.n_vocab
+        bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+        bias_vals = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+        if bias_ids.size and bias_ids.max() >= n_vocab:
+            raise InputError(f"logit_bias names token {int(bias_ids.max())}; the model has {n_vocab}",
+                             fix="use token ids of this model's vocabulary")
         try:
             with _blame(TargetFault, "llama.cpp failed on the prompt"):
                 llm.reset()
@@ -351,7 +362,6 @@ class Engine:
             stream = TextStream(params.stop)
             gen_bytes = b""
             states = [tr.last_state for tr in trackers]
-            n_vocab = self.target.n_vocab
             top_k = sampler_top_k(params.temperature, params.top_k, params.repeat_penalty)
             stopped = False
             for step in range(params.max_tokens):
@@ -366,6 +376,9 @@ class Engine:
                     gen.finish_reason = "length"
                     break
                 token = None
+                if bias_ids.size:          # the blocklist first: a banned token stays banned whatever the shift
+                    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+                    np.ctypeslib.as_array(ptr, shape=(n_vocab,))[bias_ids] += bias_vals
                 if active:
                     with _blame(DeltaFault, f"the delta shift failed at token {step}"):
                         ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
