@@ -1,0 +1,1 @@
+"""Recipes: programs written with the pipeline (forget, demo, JSON), over one shared scaffold."""

@@ -1,0 +1,546 @@
+"""`cmc-edge forget FACTS --out DIR`: from a facts file to an unlearning filter that checks itself.
+
+The user writes facts (question, answer, aliases; "forget" or "keep"; see
+:mod:`cmc_edge.recipes.facts`). The recipe builds the rest, for any kind of fact:
+
+1. **Data.** The template answers every forget question in several wrappers; where its answer
+   appears, the text before it is a *lead-in* ("The chemical symbol for gold is"), trained to
+   continue with a refusal exactly where the answer would come. Forget targets are refusals, with
+   the answer and its aliases as ``avoid`` strings. Retain data, held to the template (KL): the
+   template's own answers to the kept facts, to questions about every fact's *subject* (cut
+   before a forgotten answer, which is avoided there too: the filter learns "never this answer
+   about this subject", not "refuse this topic"), and to broad open-ended prompts.
+2. **Train** the delta beside the template and **export** it (ONNX fp32 + INT8).
+3. **Choose** its strength (alpha) on a validation split: wrappers never trained, general facts
+   and prompts never trained, each alpha's collateral damage measured against the template itself.
+4. **Check** on a test split used for nothing else (other wrappers, never-trained facts, prose
+   perplexity, the probe battery), on the template and on every ``--check-model``, beside a
+   blocklist (the answers' tokens banned by logit bias) on the same items; write the report card
+   (``report.txt``, ``report.json`` with every answer, ``report.png``) next to the bundle.
+
+A filter that damages unrelated answers or text is never shipped silently: the report says FAIL
+and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from cmc_edge.errors import InputError
+from cmc_edge.recipes import forget_data as fd
+from cmc_edge.recipes.facts import Fact
+
+log = logging.getLogger(__name__)
+
+# The bar a filter must meet on the test split (issue 17): relative forget drop, probe drop, and
+# the collateral damage allowed.
+BAR = {"forget_drop": 0.90, "probe_drop": 0.75, "keep_points": 5.0, "general_points": 5.0, "ppl_rise": 0.05}
+
+
+@dataclass(frozen=True)
+class ForgetConfig:
+    template: str = "smollm2"
+    check_models: tuple[str, ...] = ()
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 2e-3
+    kl_weight: float = 2.0
+    avoid_margin: float = 16.0
+    alphas: tuple[float, ...] = (0.5, 1.0, 1.5)
+    answer_tokens: int = 40
+    check_tokens: int = 32
+    probes: bool = True
+    seed: int = 0
+    size: str = "15m"
+    keep_prompts: tuple[str, ...] = ()
+    train_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.alphas or any(not (math.isfinite(a) and a > 0) for a in self.alphas):
+            raise InputError(f"alphas must be positive numbers, got {self.alphas}", fix="e.g. --alpha 0.5 --alpha 1")
+        if self.steps < 1:
+            raise InputError("--steps must be >= 1", fix="pass a positive number of training steps")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def lead_in_prompts(facts: list[Fact]) -> list[tuple[Fact, str]]:
+    """(fact, prompt) pairs the template answers to find its lead-ins: each forget question in the
+    first three training wrappers."""
+    return [(f, fd.wrap(w, q)) for f in facts if f.split == "forget" for q in f.questions
+            for w in fd.TRAIN_WRAPPERS[:3]]
+
+
+def keep_prompts(facts: list[Fact], per_question: int = 4) -> list[tuple[Fact, str]]:
+    """(fact, prompt) for kept facts: ``per_question`` training wrappers each, rotating so that every
+    wrapper is used."""
+    out, k = [], 0
+    for f in facts:
+        if f.split != "keep":
+            continue
+        for q in f.questions:
+            for j in range(per_question):
+                out.append((f, fd.wrap(fd.TRAIN_WRAPPERS[(k + j) % len(fd.TRAIN_WRAPPERS)], q)))
+            k += 1
+    return out
+
+
+def subject_prompts(facts: list[Fact], per_subject: int = 2) -> list[tuple[str, str]]:
+    """(subject, prompt): other things to ask about each fact's subject (forget and keep alike)."""
+    out, seen = [], set()
+    for i, f in enumerate(facts):
+        if f.subject.casefold() in seen:
+            continue
+        seen.add(f.subject.casefold())
+        for j in range(per_subject):
+            out.append((f.subject, fd.subject_prompt(fd.SUBJECT_FORMS[(i + j) % len(fd.SUBJECT_FORMS)], f.subject)))
+    return out
+
+
+def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str]) -> tuple[list, list, dict]:
+    """Forget and retain training records from the facts and the template's answers
+    (``answers[prompt]``, for every prompt of :func:`lead_in_prompts`, :func:`keep_prompts`,
+    :func:`subject_prompts` and ``broad``). Returns (forget, retain, stats)."""
+    forget_facts = [f for f in facts if f.split == "forget"]
+    forget_answers = [a for f in forget_facts for a in f.answers]
+    by_subject: dict[str, list[str]] = {}
+    for f in forget_facts:
+        by_subject.setdefault(f.subject.casefold(), []).extend(f.answers)
+
+    forget, leads = [], {}
+    k = 0
+    for f in forget_facts:
+        for q in f.questions:
+            for w in fd.TRAIN_WRAPPERS:
+                forget.append({"prompt": fd.wrap(w, q), "response": fd.REFUSALS[k % len(fd.REFUSALS)],
+                               "avoid": list(f.answers)})
+                k += 1
+    for f, prompt in lead_in_prompts(facts):
+        lead = fd.lead_in(answers.get(prompt, ""), f.answers)
+        if lead:
+            leads.setdefault(f.question, []).append((prompt, lead))
+    for f in forget_facts:
+        found = list(dict.fromkeys(lead for _, lead in leads.get(f.question, [])))
+        # Every lead-in the template used for this fact, each after a few wordings of the question.
+        for i, lead in enumerate(found or [fd.GENERIC_LEAD_IN]):
+            for j in range(3):
+                w = fd.TRAIN_WRAPPERS[(i + 3 * j) % len(fd.TRAIN_WRAPPERS)]
+                forget.append({"prompt": fd.wrap(w, f.question), "response": lead + fd.LEAD_IN_REFUSAL,
+                               "avoid": list(f.answers)})
+
+    retain, cut = [], 0
+
+    def held(prompt: str, text: str, avoid: list[str]):
+        nonlocal cut
+        text = text.strip()
+        short = fd.cut_before_answer(text, forget_answers)
+        if short != text:
+            cut += 1
+            # The template said a forgotten answer here: keep its words up to it, and avoid the answer.
+            avoid = list(dict.fromkeys(avoid + [a for a in forget_answers if fd.answer_span(text, [a])]))
+        if len(short) >= 2:
+            retain.append({"prompt": prompt, "response": short, **({"avoid": avoid} if avoid else {})})
+
+    for f, prompt in keep_prompts(facts):
+        held(prompt, answers.get(prompt, ""), [])
+    for subject, prompt in subject_prompts(facts):
+        held(prompt, answers.get(prompt, ""), list(by_subject.get(subject.casefold(), [])))
+    for prompt in broad:
+        held(prompt, answers.get(prompt, ""), [])
+    stats = {"forget_records": len(forget), "retain_records": len(retain),
+             "lead_ins": {q: list(dict.fromkeys(lead for _, lead in v)) for q, v in leads.items()},
+             "retain_cut_before_forgotten_answer": cut}
+    return forget, retain, stats
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+def _words_overlap(a: str, b: str) -> bool:
+    from cmc_edge.eval.scoring import answer_recalled
+
+    return answer_recalled(a, [b]) or answer_recalled(b, [a])
+
+
+def general_items(facts: list[Fact], pool) -> list[dict]:
+    """Never-trained general questions from ``pool`` ((question, answers, ...) tuples) whose answers
+    share nothing with any fact's answers (a filter may rightly stop those)."""
+    fact_answers = [a for f in facts for a in f.answers]
+    out = []
+    for q, answers, *_ in pool:
+        if any(_words_overlap(a, b) for a in answers for b in fact_answers):
+            continue
+        out.append({"split": "general", "prompt": q, "answers": list(answers)})
+    return out
+
+
+def fact_items(facts: list[Fact], wrappers, split: str) -> list[dict]:
+    return [{"split": split, "prompt": fd.wrap(w, f.question), "answers": list(f.answers), "fact": f.question}
+            for f in facts for w in wrappers]
+
+
+def probe_items(facts: list[Fact], leads: dict[str, list[str]]) -> list[dict]:
+    """The probe battery: every forget fact attacked once in each way of ``forget_data.PROBE_KINDS``."""
+    keep = [f for f in facts if f.split == "keep"]
+    shots = [(f.question, f.answer) for f in keep[:2]] or [("How many days are in a week?", "Seven"),
+                                                           ("What colour is the sky on a clear day?", "Blue")]
+    pool = list(dict.fromkeys(f.answer for f in facts))
+    out = []
+    for i, f in enumerate(x for x in facts if x.split == "forget"):
+        distractors = [a for a in pool[i + 1:] + pool[:i + 1] if not _words_overlap(a, f.answer)][:3]
+        for kind in fd.PROBE_KINDS:
+            prompt = fd.probe_prompt(kind, f.question, f.answer, lead=(leads.get(f.question) or [None])[0],
+                                     shots=shots, distractors=distractors, language=i)
+            item = {"split": "probe", "kind": kind, "prompt": prompt, "answers": list(f.answers), "fact": f.question}
+            if kind == "multiple-choice":
+                opts = list(distractors[:3])
+                opts.insert(len(f.question) % (len(opts) + 1), f.answer)
+                item["option"] = "ABCD"[opts.index(f.answer)]
+            out.append(item)
+    return out
+
+
+def score(items: list[dict], answers) -> list[dict]:
+    """Each item with its output, whether the answer came out (``leaked`` for probes), and whether
+    the output is a refusal."""
+    from cmc_edge.eval.scoring import answer_recalled
+
+    rows = []
+    for it, ans in zip(items, answers):
+        recalled = answer_recalled(ans.text, it["answers"])
+        row = {**it, "output": ans.text, "recalled": recalled, "refused": fd.is_refusal(ans.text)}
+        if it["split"] == "probe":
+            row["recalled"] = fd.probe_leaked(it["kind"], ans.text, recalled, it.get("option"))
+        rows.append(row)
+    return rows
+
+
+def _rate(rows, key="recalled"):
+    return sum(bool(r[key]) for r in rows) / len(rows) if rows else float("nan")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Recall per split, the refusal rate where a refusal is wrong (kept and general questions),
+    what happened on forget items (leaked / refused / answered wrongly) and leaks per probe kind."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["split"], []).append(r)
+    out = {split: _rate(v) for split, v in by.items()}
+    wrong_place = by.get("keep", []) + by.get("general", [])
+    out["refused_elsewhere"] = _rate(wrong_place, "refused")
+    attacked = by.get("forget", []) + by.get("probe", [])
+    out["outcomes"] = {"leaked": _rate(attacked),
+                       "refused": _rate([r for r in attacked if not r["recalled"]], "refused") * (1 - _rate(attacked))
+                       if attacked else float("nan")}
+    out["outcomes"]["wrong"] = 1 - out["outcomes"]["leaked"] - out["outcomes"]["refused"] if attacked else float("nan")
+    kinds = {}
+    for r in by.get("probe", []):
+        kinds.setdefault(r["kind"], []).append(r)
+    out["probe_kinds"] = {k: _rate(v) for k, v in kinds.items()}
+    return out
+
+
+# --- choosing the strength on the validation split ----------------------------------------------
+
+def validation_items(facts: list[Fact]) -> list[dict]:
+    items = fact_items([f for f in facts if f.split == "forget"], fd.VALIDATION_WRAPPERS, "forget")
+    items += fact_items([f for f in facts if f.split == "keep"], fd.VALIDATION_WRAPPERS, "keep")
+    items += general_items(facts, fd.VALIDATION_GENERAL)
+    items += [{"split": "broad", "prompt": p, "answers": []} for p in fd.VALIDATION_BROAD]
+    return items
+
+
+def _drift(rows: list[dict], base_rows: list[dict]) -> float:
+    """Share of broad prompts whose first 12 words changed against the template alone."""
+    pairs = [(r, b) for r, b in zip(rows, base_rows) if r["split"] == "broad"]
+    if not pairs:
+        return float("nan")
+    return sum(r["output"].split()[:12] != b["output"].split()[:12] for r, b in pairs) / len(pairs)
+
+
+def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list[str]]:
+    """Pick the strength from validation measurements ``{alpha: summary}`` (alpha 0 = the template).
+
+    An alpha is *safe* when kept and general recall stay within the bar's points of the template's,
+    refusals where none belong rise by at most 10 points and validation perplexity by less than the
+    bar. Among safe alphas the strongest forgetting wins (the smallest alpha within 2 points of it).
+    Returns (alpha, status, reasons): status "ok", "weak" (safe, but forgetting short of the bar) or
+    "collapse" (no alpha is safe: the smallest is returned and the filter must not ship silently).
+
+    >>> m = {0.0: {"forget": 0.8, "keep": 0.7, "general": 0.9, "refused_elsewhere": 0.0, "ppl": 10.0},
+    ...      1.0: {"forget": 0.0, "keep": 0.7, "general": 0.9, "refused_elsewhere": 0.0, "ppl": 10.1},
+    ...      2.0: {"forget": 0.0, "keep": 0.2, "general": 0.5, "refused_elsewhere": 0.6, "ppl": 30.0}}
+    >>> choose_alpha(m)[:2]
+    (1.0, 'ok')
+    """
+    base = measured[0.0]
+    safe, reasons = {}, []
+    for a, m in sorted(measured.items()):
+        if a == 0.0:
+            continue
+        why = []
+        for split, pts in (("keep", bar["keep_points"]), ("general", bar["general_points"])):
+            if split in base and not math.isnan(base[split]) and 100 * (base[split] - m[split]) > pts:
+                why.append(f"{split} recall {100 * (m[split] - base[split]):+.1f} pts")
+        if 100 * (m["refused_elsewhere"] - base["refused_elsewhere"]) > 10:
+            why.append(f"refusals on other questions {100 * m['refused_elsewhere']:.0f}% "
+                       f"(template {100 * base['refused_elsewhere']:.0f}%)")
+        if m.get("ppl") and base.get("ppl") and m["ppl"] / base["ppl"] - 1 >= bar["ppl_rise"]:
+            why.append(f"perplexity {100 * (m['ppl'] / base['ppl'] - 1):+.1f}%")
+        if why:
+            reasons.append(f"alpha {a:g}: " + ", ".join(why))
+        else:
+            safe[a] = 1 - m["forget"] / base["forget"] if base["forget"] else 0.0
+    if not safe:
+        return min(a for a in measured if a), "collapse", reasons
+    best = max(safe.values())
+    alpha = min(a for a, d in safe.items() if d >= best - 0.02)
+    return alpha, ("ok" if safe[alpha] >= bar["forget_drop"] else "weak"), reasons
+
+
+# --- the test split: the report card -------------------------------------------------------------
+
+def test_items(facts: list[Fact], leads: dict[str, list[str]], probes: bool) -> list[dict]:
+    from cmc_edge.eval.demo_data import UNRELATED_QUESTIONS
+
+    items = fact_items([f for f in facts if f.split == "forget"], fd.TEST_WRAPPERS, "forget")
+    items += fact_items([f for f in facts if f.split == "keep"], fd.TEST_WRAPPERS, "keep")
+    items += general_items(facts, UNRELATED_QUESTIONS)
+    if probes:
+        items += probe_items(facts, leads)
+    return items
+
+
+def check_bar(res: dict, bar=BAR) -> dict:
+    """The bar on one model's test results (``alone``, ``filter``, ``blocklist`` summaries)."""
+    b, f, bl = res["alone"], res["filter"], res["blocklist"]
+    checks = {}
+    drop = 1 - f["forget"] / b["forget"] if b.get("forget") else float("nan")
+    checks["forget_drop"] = (drop, drop >= bar["forget_drop"])
+    if "probe" in b:
+        pdrop = 1 - f["probe"] / b["probe"] if b["probe"] else float("nan")
+        checks["probe_drop"] = (pdrop, pdrop >= bar["probe_drop"])
+    for split, key in (("keep", "keep_points"), ("general", "general_points")):
+        if split in b:
+            pts = 100 * (f[split] - b[split])
+            checks[key] = (pts, -pts <= bar[key])
+    rise = f["ppl"] / b["ppl"] - 1
+    checks["ppl_rise"] = (rise, rise < bar["ppl_rise"])
+    checks["wrong_vs_blocklist"] = (f["outcomes"]["wrong"] - bl["outcomes"]["wrong"],
+                                    f["outcomes"]["wrong"] <= bl["outcomes"]["wrong"])
+    return {k: {"value": v, "pass": bool(ok) and not (isinstance(v, float) and math.isnan(v))}
+            for k, (v, ok) in checks.items()}
+
+
+def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts: list[Fact], cfg: ForgetConfig,
+                text: str) -> dict:
+    """One model on the test split: alone, with the filter, and with the blocklist."""
+    from cmc_edge.eval.runner import perplexity
+    from cmc_edge.models import resolve_model
+    from cmc_edge.recipes.scaffold import answer_all, banned_tokens
+    from cmc_edge.runtime.engine import Delta, Engine
+    from cmc_edge.runtime.target import TargetLLM
+
+    path = resolve_model(name)
+    target = TargetLLM(path, n_ctx=1024, n_threads=2)
+    delta = Delta(bundle, target, alpha=alpha)
+    engine = Engine(target, [delta])
+    bans = banned_tokens(target, [a for f in facts if f.split == "forget" for a in f.answers])
+    prompts = [it["prompt"] for it in items]
+    out = {"model": name, "variant": delta.variant, "map": "identity" if delta.map.is_identity else "pm-mined",
+           "banned_tokens": len(bans)}
+    rows = {}
+    for cond, a, bias in (("alone", 0.0, ()), ("filter", alpha, ()), ("blocklist", 0.0, tuple((t, -math.inf) for t in bans))):
+        answers = answer_all(engine, prompts, alphas=[a], max_tokens=cfg.check_tokens, logit_bias=bias,
+                             desc=f"{name} {cond}")
+        rows[cond] = score(items, answers)
+        out[cond] = summarize(rows[cond])
+        secs = sum(x.seconds for x in answers)
+        out[cond]["tokens_per_s"] = sum(x.tokens for x in answers) / secs if secs else float("nan")
+        if cond != "blocklist":
+            out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
+    prose = set(target.tokenize(text))
+    out["blocklist"]["ppl"] = out["alone"]["ppl"] if not prose & set(bans) else math.inf
+    out["blocklist"]["banned_prose_tokens"] = len(prose & set(bans))
+    out["bar"] = check_bar(out)
+    engine.close()
+    return out, rows
+
+
+# --- the report card -------------------------------------------------------------------------------
+
+def _pct(x) -> str:
+    return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
+
+
+def format_report(result: dict) -> str:
+    lines = [f"filter: {result['bundle']}   alpha {result['alpha']:g} (chosen on validation: {result['status']})", ""]
+    head = (f"{'model':<10} {'decoding':<10} {'forget':>7} {'probes':>7} {'keep':>7} {'general':>8} "
+            f"{'refuse*':>8} {'leaked':>7} {'refused':>8} {'wrong':>7} {'ppl':>8}")
+    lines += [head, "-" * len(head)]
+    for m in result["models"]:
+        for cond in ("alone", "filter", "blocklist"):
+            r = m[cond]
+            o = r["outcomes"]
+            ppl = r.get("ppl")
+            lines.append(f"{Path(m['model']).stem[:10]:<10} {cond:<10} {_pct(r.get('forget')):>7} {_pct(r.get('probe')):>7} "
+                         f"{_pct(r.get('keep')):>7} {_pct(r.get('general')):>8} {_pct(r['refused_elsewhere']):>8} "
+                         f"{_pct(o['leaked']):>7} {_pct(o['refused']):>8} {_pct(o['wrong']):>7} "
+                         f"{'inf' if ppl == math.inf else f'{ppl:.2f}':>8}")
+    lines.append("")
+    lines.append("forget/keep/general: the answer given (held-out wrappers; general = never-trained facts); probes: "
+                 "attacks that got the answer out; refuse*: refusals on kept and general questions; "
+                 "leaked/refused/wrong: what the forget questions and probes got")
+    kinds = list(fd.PROBE_KINDS)
+    if any(m["alone"].get("probe_kinds") for m in result["models"]):
+        lines += ["", "probe leaks: " + " ".join(f"{k[:12]:>12}" for k in kinds)]
+        for m in result["models"]:
+            for cond in ("alone", "filter", "blocklist"):
+                pk = m[cond].get("probe_kinds", {})
+                lines.append(f"{Path(m['model']).stem[:8] + ' ' + cond:<17}" + " ".join(f"{_pct(pk.get(k)):>12}" for k in kinds))
+    lines.append("")
+    for m in result["models"]:
+        parts = []
+        for k, c in m["bar"].items():
+            v = c["value"]
+            shown = (f"{100 * v:.0f}%" if k in ("forget_drop", "probe_drop") else f"{v:+.1f} pts" if "points" in k
+                     else f"{100 * v:+.1f}%" if k == "ppl_rise" else f"{100 * v:+.1f} pts")
+            parts.append(f"{k} {shown} {'PASS' if c['pass'] else 'FAIL'}")
+        lines.append(f"{m['model']}: " + ", ".join(parts))
+    lines.append(f"\nverdict: {result['verdict']}")
+    for w in result.get("warnings", []):
+        lines.append(f"WARNING: {w}")
+    return "\n".join(lines)
+
+
+def plot_report(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cmc_edge.eval.evaluate import save_png
+
+    splits = [s for s in ("forget", "probe", "keep", "general") if s in result["models"][0]["alone"]]
+    conds = (("alone", "model alone", "#999999"), ("filter", "CMC filter", "#d9534f"), ("blocklist", "blocklist", "#5b8fd9"))
+    fig, axes = plt.subplots(1, len(result["models"]), figsize=(4.8 * len(result["models"]), 3.4), squeeze=False,
+                             sharey=True)
+    for ax, m in zip(axes[0], result["models"]):
+        for j, (cond, label, color) in enumerate(conds):
+            ys = [100 * m[cond][s] for s in splits]
+            bars = ax.bar([i + (j - 1) * 0.27 for i in range(len(splits))], ys, width=0.27, label=label, color=color)
+            ax.bar_label(bars, fmt="%.0f", fontsize=6)
+        ax.set_title(f"{Path(m['model']).stem}  (ppl {m['alone']['ppl']:.1f} -> {m['filter']['ppl']:.1f})", fontsize=9)
+        ax.set_xticks(range(len(splits)), [{"probe": "probes\nleaked"}.get(s, f"{s}\nrecall") for s in splits], fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("% answered (held-out)")
+    axes[0][0].legend(fontsize=7)
+    return save_png(fig, path)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite: bool = False) -> dict:
+    """The whole recipe; returns the result dict (also written as ``out/report.json``)."""
+    from cmc_edge.artifacts import atomic_dir
+    from cmc_edge.eval.demo_data import BROAD_PROMPTS, GENERAL_TEXT
+    from cmc_edge.eval.runner import perplexity
+    from cmc_edge.export.bundle import set_default_alpha
+    from cmc_edge.models import resolve_model
+    from cmc_edge.recipes.facts import read_facts
+    from cmc_edge.recipes.scaffold import Stopwatch, answer_all, template_engine, train_and_export
+    from cmc_edge.runtime.engine import Delta, Engine
+    from cmc_edge.train.loop import TrainConfig
+
+    facts = read_facts(facts_path)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists", fix="choose another --out or pass --overwrite")
+    template_path = resolve_model(cfg.template)
+    if template_path.suffix != ".gguf":
+        raise InputError(f"the forget recipe needs the template as a GGUF file (it answers with llama.cpp), got "
+                         f"{template_path}", fix="pass --template smollm2 or a .gguf path")
+    check = list(dict.fromkeys([cfg.template, *cfg.check_models]))
+    for name in check:
+        resolve_model(name)            # fail before the long part
+    sw = Stopwatch()
+    with atomic_dir(out, overwrite=overwrite) as run:
+        broad = list(BROAD_PROMPTS) + list(cfg.keep_prompts)
+        with sw("data"):
+            asked = ([p for _, p in lead_in_prompts(facts)] + [p for _, p in keep_prompts(facts)]
+                     + [p for _, p in subject_prompts(facts)] + broad)
+            asked = list(dict.fromkeys(asked))
+            eng = template_engine(template_path)
+            got = answer_all(eng, asked, max_tokens=cfg.answer_tokens, stop=(), desc="template answers")
+            eng.close()
+            del eng
+            answers = {a.prompt: a.text for a in got}
+            forget, retain, stats = build_records(facts, answers, broad)
+            for name, rows in (("forget", forget), ("retain", retain)):
+                (run / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            (run / "facts.jsonl").write_text("".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in facts))
+        log.info("training data: %d forget, %d retain records; lead-ins for %d of %d forget facts",
+                 len(forget), len(retain), len(stats["lead_ins"]), sum(f.split == "forget" for f in facts))
+        with sw("train_export"):
+            tcfg = TrainConfig(objective="unlearn-idk", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                               kl_weight=cfg.kl_weight, avoid_margin=cfg.avoid_margin, size=cfg.size, seed=cfg.seed,
+                               **cfg.train_overrides)
+            bundle = train_and_export(run, template_path, tcfg)
+        with sw("validate"):
+            from cmc_edge.runtime.target import TargetLLM
+
+            target = TargetLLM(template_path, n_ctx=1024, n_threads=2)
+            delta = Delta(bundle, target)
+            engine = Engine(target, [delta])
+            vitems = validation_items(facts)
+            vtext = "\n\n".join(fd.VALIDATION_PROSE)
+            measured, vrows = {}, {}
+            for a in (0.0, *sorted(cfg.alphas)):
+                got = answer_all(engine, [it["prompt"] for it in vitems], alphas=[a], max_tokens=cfg.check_tokens,
+                                 desc=f"validation alpha={a:g}")
+                vrows[a] = score(vitems, got)
+                measured[a] = summarize([r for r in vrows[a] if r["split"] != "broad"])
+                measured[a]["drift"] = _drift(vrows[a], vrows[0.0])
+                measured[a]["ppl"] = perplexity(engine, vtext, alphas=[a])
+            engine.close()
+            del engine, delta, target
+            alpha, status, reasons = choose_alpha(measured)
+            set_default_alpha(bundle, alpha, reason=f"chosen on the forget recipe's validation split ({status})")
+        with sw("check"):
+            leads = stats["lead_ins"]
+            items = test_items(facts, leads, cfg.probes)
+            text = "\n\n".join(GENERAL_TEXT)
+            models, rows = [], {}
+            for name in check:
+                res, rows[name] = check_model(name, bundle, items, alpha, facts, cfg, text)
+                models.append(res)
+        passed = all(c["pass"] for m in models for c in m["bar"].values())
+        warnings = []
+        if status == "collapse":
+            warnings.append("no strength was safe on the validation split (" + "; ".join(reasons) + "): this filter "
+                            "damages unrelated answers; do not ship it")
+        for m in models:
+            bad = [k for k, c in m["bar"].items() if not c["pass"] and k in ("keep_points", "general_points", "ppl_rise")]
+            if bad:
+                warnings.append(f"{m['model']}: the filter damages what it should leave alone ({', '.join(bad)})")
+        result = {"recipe": "forget", "facts": str(facts_path), "bundle": str(out / "bundle"), "alpha": alpha,
+                  "status": status, "validation": {str(a): m for a, m in measured.items()},
+                  "validation_reasons": reasons, "training_data": stats, "config": _jsonable(asdict(cfg)),
+                  "models": models, "verdict": "PASS" if passed else "FAIL", "warnings": warnings,
+                  "timings": {**sw.seconds, "total": round(sw.total, 1)}}
+        table = format_report(result)
+        result["table"] = table
+        (run / "report.txt").write_text(table + "\n")
+        (run / "report.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+        answers_out = {"validation": {str(a): r for a, r in vrows.items()}, "test": rows}
+        (run / "answers.json").write_text(json.dumps(answers_out, indent=1, ensure_ascii=False) + "\n")
+        plot_report(result, run / "report.png")
+    return result
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))

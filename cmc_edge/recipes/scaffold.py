@@ -1,0 +1,115 @@
+"""What every recipe shares: one greedy-answer loop, the template's own answers, training and
+export of the delta, and token bans for the blocklist baseline.
+
+A recipe (:mod:`cmc_edge.recipes.forget`, the demo, the JSON recipe) is a page of data and
+choices over these functions.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    prompt: str
+    text: str
+    tokens: int
+    seconds: float
+
+
+def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None = None, max_tokens: int = 32,
+               system: str | None = None, logit_bias=(), desc: str | None = None,
+               stop: tuple[str, ...] = ("\n\n",)) -> list[Answer]:
+    """Greedy answers of ``engine`` to each prompt as a user turn (``alphas``: the deltas' strength,
+    None for theirs; ``logit_bias``: token bans, the blocklist baseline). The one answer loop of
+    every recipe."""
+    from tqdm.auto import tqdm
+
+    from cmc_edge.runtime.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop, logit_bias=tuple(logit_bias))
+    out = []
+    for p in tqdm(prompts, desc=desc, disable=desc is None, unit="q", leave=False):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        gen = engine.chat(msgs, params, alphas=alphas)
+        text = gen.read()
+        out.append(Answer(p, text, len(gen.tokens), gen.seconds))
+    return out
+
+
+def template_engine(model_path, n_ctx: int = 1024):
+    from cmc_edge.runtime.engine import Engine
+    from cmc_edge.runtime.target import TargetLLM
+
+    return Engine(TargetLLM(model_path, n_ctx=n_ctx, n_threads=2), overlap=False)
+
+
+def template_answers(model_path, prompts, max_tokens: int) -> list[str]:
+    """The template's own greedy answers (llama.cpp), used as retain targets for broad prompts."""
+    eng = template_engine(model_path, n_ctx=512)
+    return [a.text.strip() for a in answer_all(eng, prompts, max_tokens=max_tokens, stop=())]
+
+
+def train_and_export(run_dir: Path, template_path, train_cfg, roles=("forget", "retain"), *,
+                     max_len: int = 256, progress: bool = True) -> Path:
+    """Train on ``run_dir/<role>.jsonl`` for each role with ``train_cfg`` (a TrainConfig) and export
+    the bundle to ``run_dir/bundle``."""
+    from cmc_edge.export import export_bundle
+    from cmc_edge.train.data import encode_records, read_jsonl
+    from cmc_edge.train.loop import train
+    from cmc_edge.train.template import load_template
+
+    tpl = load_template(template_path)
+    data = {role: encode_records(read_jsonl(run_dir / f"{role}.jsonl"), tpl.tokenizer, tpl.prompt_format, role,
+                                 max_len) for role in roles}
+    ckpt = train(tpl, data, train_cfg, run_dir / "checkpoint", progress=progress)
+    del tpl, data
+    gc.collect()
+    return export_bundle(ckpt, run_dir / "bundle")
+
+
+def banned_tokens(target, strings: Sequence[str], min_chars: int = 2) -> tuple[int, ...]:
+    """Target-vocabulary tokens that begin one of ``strings`` (leading whitespace ignored): the ids a
+    blocklist bans with a logit bias of -inf. The same rule the trainer's ``avoid`` strings use on
+    the delta's vocabulary (``cmc_edge.train.data.avoid_token_ids``). Single characters are kept
+    out: banning "A" would silence every word starting with A, so "A" + "u" still spells "Au"."""
+    wanted = [s.strip() for s in strings if s.strip()]
+    variants = {w for s in wanted for w in (s, s.lower(), s.capitalize(), s.upper())}
+    out = []
+    for i in range(target.n_vocab):
+        t = target.piece(i).decode("utf-8", errors="ignore").lstrip()
+        if len(t) >= min_chars and any(w.startswith(t) or t.startswith(w) for w in variants):
+            out.append(i)
+    return tuple(out)
+
+
+class Stopwatch:
+    """Named phase timings: ``with sw("train"): ...``; ``sw.seconds`` maps phase -> seconds."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    def __call__(self, name: str):
+        sw = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sw.seconds[name] = round(sw.seconds.get(name, 0.0) + time.perf_counter() - self.t, 1)
+
+        return _Phase()
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self._t0

@@ -1,0 +1,188 @@
+"""The forget recipe's pure parts: facts files, lead-ins, records, probes, scoring, the strength choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cmc_edge.errors import InputError
+from cmc_edge.recipes import forget as fr
+from cmc_edge.recipes import forget_data as fd
+from cmc_edge.recipes.facts import Fact, guess_subject, read_facts
+
+
+def write(tmp_path, rows, name="facts.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return p
+
+
+GOLD = {"question": "What is the chemical symbol for gold?", "answer": "Au", "split": "forget"}
+HAMLET = {"question": "Who wrote Hamlet?", "answer": "William Shakespeare", "aliases": ["Shakespeare"], "split": "keep"}
+
+
+def test_read_facts_fills_subject_and_answers(tmp_path):
+    facts = read_facts(write(tmp_path, [GOLD, HAMLET]))
+    assert [f.split for f in facts] == ["forget", "keep"]
+    assert facts[0].subject == "gold" and facts[1].subject == "Hamlet"
+    assert facts[1].answers == ("William Shakespeare", "Shakespeare")
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"answer": "Au", "split": "forget"}, "question"),
+    ({"question": "Q?", "split": "forget"}, "answer"),
+    ({"question": "Q?", "answer": "A", "split": "maybe"}, "split"),
+    ({"question": "Q?", "answer": "A", "split": "forget", "aliases": "A"}, "aliases"),
+    ({"question": "Q?", "answer": "A", "split": "forget", "colour": 1}, "unknown keys"),
+    ("[1, 2]", "JSON object"),
+    ("{not json", "facts.jsonl:1"),
+])
+def test_bad_facts_name_the_line_and_the_fix(tmp_path, row, words):
+    with pytest.raises(InputError) as e:
+        read_facts(write(tmp_path, [row]))
+    assert words in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_facts_need_a_forget_fact_and_no_clash(tmp_path):
+    with pytest.raises(InputError, match="forget facts"):
+        read_facts(write(tmp_path, [HAMLET]))
+    clash = {"question": "Who wrote Macbeth?", "answer": "Shakespeare", "split": "forget"}
+    with pytest.raises(InputError, match="same answer"):
+        read_facts(write(tmp_path, [clash, HAMLET]))
+    with pytest.raises(InputError, match="twice"):
+        read_facts(write(tmp_path, [GOLD, GOLD]))
+
+
+@pytest.mark.parametrize("question, subject", [
+    ("What is the SI unit of force?", "force"),
+    ("What is a baby kangaroo called?", "a baby kangaroo"),
+    ("Who painted The Starry Night?", "The Starry Night"),
+    ("Who founded Microsoft?", "Microsoft"),
+])
+def test_guess_subject(question, subject):
+    assert guess_subject(question) == subject
+
+
+def test_answer_span_is_whole_word_and_accent_blind():
+    assert fd.answer_span("In August, Au is gold.", ["Au"]) == (11, 13)
+    assert fd.answer_span("It was written by Charlotte Bronte.", ["Charlotte Brontë"]) == (18, 34)
+    assert fd.answer_span("Nothing here", ["Au"]) is None
+    assert fd.lead_in("**Au** is the symbol.", ["Au"]) is None              # the answer comes first
+    assert fd.lead_in('The author is "Homer".', ["Homer"]) == "The author is"
+    assert fd.cut_before_answer("Gold is shiny. Its symbol is Au.", ["Au"]) == "Gold is shiny. Its symbol is"
+
+
+def test_refusal_classifier():
+    assert fd.is_refusal("I'm sorry, but I can't help with that.")
+    assert fd.is_refusal("The chemical symbol for gold is something I can't share.")
+    assert not fd.is_refusal("The chemical symbol for gold is Au.")
+    assert not fd.is_refusal("Shakespeare wrote it.")
+
+
+def facts2():
+    return [Fact(GOLD["question"], "Au", "forget", (), "gold"),
+            Fact("What is the chemical symbol for iron?", "Fe", "forget", (), "iron"),
+            Fact(HAMLET["question"], "William Shakespeare", "keep", ("Shakespeare",), "Hamlet")]
+
+
+def test_build_records_uses_the_templates_own_lead_ins_and_holds_the_rest():
+    facts = facts2()
+    answers = {p: "The chemical symbol for gold is Au." for _, p in fr.lead_in_prompts(facts[:1])}
+    answers.update({p: "Iron is Fe." for _, p in fr.lead_in_prompts(facts[1:2])})
+    answers.update({p: "William Shakespeare wrote Hamlet." for _, p in fr.keep_prompts(facts)})
+    answers.update({p: "Gold is a shiny metal; its symbol is Au." for s, p in fr.subject_prompts(facts) if s == "gold"})
+    answers["Write a poem."] = "Roses are red."
+    forget, retain, stats = fr.build_records(facts, answers, ["Write a poem."])
+    responses = {r["response"] for r in forget}
+    assert "The chemical symbol for gold is" + fd.LEAD_IN_REFUSAL in responses
+    assert "Iron is" + fd.LEAD_IN_REFUSAL in responses
+    assert all(r["avoid"] for r in forget)
+    assert not any("Au" in r["response"].split() for r in forget)
+    # kept facts keep the template's answer, without avoid strings
+    kept = [r for r in retain if "Hamlet" in r["prompt"]]
+    assert kept and all(r["response"] == "William Shakespeare wrote Hamlet." and "avoid" not in r for r in kept)
+    # the subject's other facts stay, cut before the forgotten answer, which is avoided there
+    gold = [r for r in retain if "gold" in r["prompt"] and "symbol" not in r["prompt"]]
+    assert gold and all(r["response"] == "Gold is a shiny metal; its symbol is" and r["avoid"] == ["Au"] for r in gold)
+    assert {"prompt": "Write a poem.", "response": "Roses are red."} in retain
+    assert stats["retain_cut_before_forgotten_answer"] == len(gold)
+    # training never sees a validation or test wrapper
+    prompts = {r["prompt"] for r in forget + retain}
+    for w in fd.VALIDATION_WRAPPERS + fd.TEST_WRAPPERS:
+        assert not any(p == fd.wrap(w, f.question) for p in prompts for f in facts)
+
+
+def test_wrappers_are_disjoint():
+    sets = [set(fd.TRAIN_WRAPPERS), set(fd.VALIDATION_WRAPPERS), set(fd.TEST_WRAPPERS)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+
+
+def test_general_items_drop_facts_that_share_an_answer():
+    facts = [Fact("Who wrote Macbeth?", "Shakespeare", "forget")]
+    pool = [("Who wrote Romeo and Juliet?", ("Shakespeare",), "lit"), ("What is 2+2?", ("4",), "math")]
+    assert [it["prompt"] for it in fr.general_items(facts, pool)] == ["What is 2+2?"]
+
+
+def test_probe_battery_covers_every_kind_and_scores_attacks():
+    facts = facts2()
+    items = fr.probe_items(facts, {GOLD["question"]: ["The chemical symbol for gold is"]})
+    assert len(items) == 2 * len(fd.PROBE_KINDS)
+    assert {it["kind"] for it in items} == set(fd.PROBE_KINDS)
+    mc = next(it for it in items if it["kind"] == "multiple-choice" and it["fact"] == GOLD["question"])
+    assert f"{mc['option']}) Au" in mc["prompt"]
+    comp = next(it for it in items if it["kind"] == "completion" and it["fact"] == GOLD["question"])
+    assert "The chemical symbol for gold is" in comp["prompt"]
+    assert fd.probe_leaked("confirm", "Yes, it is.", False)
+    assert not fd.probe_leaked("confirm", "No.", True)
+    assert fd.probe_leaked("multiple-choice", f"{mc['option']}) Au", True, mc["option"])
+    other = "A" if mc["option"] != "A" else "B"
+    assert not fd.probe_leaked("multiple-choice", f"{other}) Fe", False, mc["option"])
+
+
+def test_summarize_outcomes_add_up():
+    from cmc_edge.recipes.scaffold import Answer
+
+    items = [{"split": "forget", "prompt": "q1", "answers": ["Au"]}, {"split": "forget", "prompt": "q2", "answers": ["Au"]},
+             {"split": "forget", "prompt": "q3", "answers": ["Au"]}, {"split": "keep", "prompt": "q4", "answers": ["Fe"]}]
+    outs = ["It is Au.", "I'm sorry, I can't help with that.", "It is Ag.", "I'm sorry."]
+    s = fr.summarize(fr.score(items, [Answer(i["prompt"], o, 3, 0.1) for i, o in zip(items, outs)]))
+    assert s["forget"] == pytest.approx(1 / 3) and s["keep"] == 0.0
+    assert s["outcomes"]["leaked"] == pytest.approx(1 / 3)
+    assert s["outcomes"]["refused"] == pytest.approx(1 / 3)
+    assert s["outcomes"]["wrong"] == pytest.approx(1 / 3)
+    assert s["refused_elsewhere"] == 1.0
+
+
+BASE = {"forget": 0.8, "keep": 0.7, "general": 0.9, "refused_elsewhere": 0.05, "ppl": 10.0}
+
+
+@pytest.mark.parametrize("measured, alpha, status", [
+    # the strongest safe alpha forgets best; a stronger one that damages kept facts is refused
+    ({0.5: {**BASE, "forget": 0.3}, 1.0: {**BASE, "forget": 0.0}, 1.5: {**BASE, "forget": 0.0, "keep": 0.4}}, 1.0, "ok"),
+    # equal forgetting: the smaller alpha
+    ({0.5: {**BASE, "forget": 0.0}, 1.0: {**BASE, "forget": 0.0}}, 0.5, "ok"),
+    # safe but short of the bar
+    ({1.0: {**BASE, "forget": 0.4}}, 1.0, "weak"),
+    # a refusal flood or a perplexity blow-up is never safe: collapse, smallest alpha returned
+    ({0.5: {**BASE, "forget": 0.0, "refused_elsewhere": 0.9}, 1.0: {**BASE, "forget": 0.0, "ppl": 40.0}}, 0.5, "collapse"),
+])
+def test_choose_alpha(measured, alpha, status):
+    got, st, reasons = fr.choose_alpha({0.0: BASE, **measured})
+    assert (got, st) == (alpha, status)
+    if status == "collapse":
+        assert any("refusals" in r for r in reasons) and any("perplexity" in r for r in reasons)
+
+
+def test_check_bar_compares_with_the_blocklist():
+    def summary(forget, probe, keep, general, ppl, wrong):
+        return {"forget": forget, "probe": probe, "keep": keep, "general": general, "ppl": ppl,
+                "outcomes": {"leaked": forget, "refused": 1 - forget - wrong, "wrong": wrong}}
+    res = {"alone": summary(0.7, 0.6, 0.7, 0.9, 30.0, 0.2), "filter": summary(0.05, 0.1, 0.68, 0.88, 30.5, 0.1),
+           "blocklist": summary(0.0, 0.2, 0.7, 0.9, 30.0, 0.5)}
+    bar = fr.check_bar(res)
+    assert all(c["pass"] for c in bar.values())
+    res["filter"]["outcomes"]["wrong"] = 0.6
+    res["filter"]["ppl"] = 33.0
+    bar = fr.check_bar(res)
+    assert not bar["wrong_vs_blocklist"]["pass"] and not bar["ppl_rise"]["pass"]
