@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def rebuild(records: list[dict], variant: str) -> list[dict]:
-    from cmc_edge.eval.recipe_json import train_record
+    from cmc_edge.recipes.json_recipe import train_record
 
     out = []
     for i, r in enumerate(records):
@@ -40,8 +40,8 @@ def rebuild(records: list[dict], variant: str) -> list[dict]:
 
 
 def main() -> int:
-    from cmc_edge.eval.demo import train_and_export
-    from cmc_edge.eval.recipe_json import JsonRecipeConfig, parse_json_answer
+    from cmc_edge.recipes.demo import train_and_export
+    from cmc_edge.recipes.json_recipe import JsonRecipeConfig, parse_json_answer
     from cmc_edge.eval.scoring import answer_recalled
     from cmc_edge.models import resolve_model
     from cmc_edge.runtime.engine import Delta, Engine, SamplingParams

@@ -221,11 +221,11 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     if args.recipe == "json":
-        from cmc_edge.eval.recipe_json import JsonRecipeConfig, run_json_recipe
+        from cmc_edge.recipes.json_recipe import JsonRecipeConfig, run_json_recipe
 
         res = run_json_recipe(JsonRecipeConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed))
     else:
-        from cmc_edge.eval.demo import DemoConfig, run_demo
+        from cmc_edge.recipes.demo import DemoConfig, run_demo
 
         res = run_demo(DemoConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed, quick=args.quick))
     return 0 if all(c["pass"] for row in res["models"] for c in row["bar"].values()) else 1

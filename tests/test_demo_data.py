@@ -237,7 +237,7 @@ def test_known_by_intersects_and_rejects_unknown_models():
 
 def test_demo_chart_is_written(tmp_path):
     """The chart the README shows: one panel per model, filter off/on per split."""
-    from cmc_edge.eval.demo import plot_demo
+    from cmc_edge.recipes.demo import plot_demo
 
     def cond(f, r, u, ppl):
         return {"forget": {"recall": f}, "retain": {"recall": r}, "unrelated": {"recall": u}, "perplexity": ppl}

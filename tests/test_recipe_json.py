@@ -5,8 +5,8 @@ import json
 import pytest
 
 from cmc_edge.eval import demo_data as dd
-from cmc_edge.eval.recipe_json import (build_eval_items, build_train_records, first_sentence, parse_json_answer,
-                                       train_prompts)
+from cmc_edge.recipes.json_recipe import (build_eval_items, build_train_records, first_sentence, parse_json_answer,
+                                          train_prompts)
 
 
 @pytest.mark.parametrize("text, answer", [

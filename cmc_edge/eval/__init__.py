@@ -1,1 +1,1 @@
-"""Evaluation: demo data, answer scoring and the unlearning demo."""
+"""Evaluation: demo data, answer scoring, and `cmc-edge eval` (what a delta does to each model)."""

@@ -220,7 +220,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run_json_recipe(cfg: JsonRecipeConfig) -> dict:
     from cmc_edge.eval import demo_data as dd
-    from cmc_edge.eval.demo import template_answers, train_and_export
+    from cmc_edge.recipes.demo import template_answers, train_and_export
     from cmc_edge.models import resolve_model
 
     t_start = time.perf_counter()
