@@ -44,8 +44,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from cmc_edge.combine import combine_torch
-    from cmc_edge.recipes.demo import template_answers
     from cmc_edge.recipes.json_recipe import first_sentence, json_reply
+    from cmc_edge.recipes.scaffold import template_answers
     from cmc_edge.train.data import encode_records, read_jsonl
     from cmc_edge.train.loop import _pad_batch
     from cmc_edge.train.template import load_template

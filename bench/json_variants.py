@@ -40,11 +40,10 @@ def rebuild(records: list[dict], variant: str) -> list[dict]:
 
 
 def main() -> int:
-    from cmc_edge.recipes.demo import train_and_export
-    from cmc_edge.recipes.json_recipe import JsonRecipeConfig, parse_json_answer
-    from cmc_edge.eval.scoring import answer_recalled
     from cmc_edge.models import resolve_model
-    from cmc_edge.runtime.engine import Delta, Engine, SamplingParams
+    from cmc_edge.recipes.json_recipe import JsonRecipeConfig, score_answers
+    from cmc_edge.recipes.scaffold import answer_all, train_and_export
+    from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.runtime.target import TargetLLM
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,19 +70,15 @@ def main() -> int:
         recs = [json.loads(line) for line in (args.run / "sft.jsonl").read_text().splitlines()]
         (run / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rebuild(recs, args.variant)))
         t0 = time.perf_counter()
-        bundle = train_and_export(cfg, resolve_model("smollm2"), run, roles=("sft",))
+        bundle = train_and_export(run, resolve_model("smollm2"), cfg.train_config(), roles=("sft",))
         print(f"trained and exported in {time.perf_counter() - t0:.0f} s")
     results = {}
     for model, alphas in json.loads(args.alphas).items():
         target = TargetLLM(resolve_model(model), n_ctx=1024, n_threads=2)
         engine = Engine(target, [Delta(bundle, target)])
-        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, stop=("\n\n",))
         for alpha in alphas:
-            rows = []
-            for it in items:
-                text = engine.chat([{"role": "user", "content": it["question"]}], params, alphas=[alpha]).read()
-                rows.append({"question": it["question"], "output": text, "adherent": parse_json_answer(text) is not None,
-                             "correct": answer_recalled(text, it["answers"])})
+            answers = answer_all(engine, [it["question"] for it in items], alphas=[alpha], max_tokens=cfg.max_tokens)
+            rows = score_answers(items, answers)
             adh = sum(r["adherent"] for r in rows) / len(rows)
             ok = sum(r["correct"] for r in rows) / len(rows)
             print(f"{args.name} {model} alpha {alpha}: adherence {100 * adh:.1f}%, correct {100 * ok:.1f}% "

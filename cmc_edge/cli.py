@@ -228,6 +228,8 @@ def cmd_demo(args) -> int:
         from cmc_edge.recipes.demo import DemoConfig, run_demo
 
         res = run_demo(DemoConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed, quick=args.quick))
+    print(res["table"])
+    print(f"\nrun directory: {res['run_dir']}  (total {res['timings']['total_s'] / 60:.1f} min)")
     return 0 if all(c["pass"] for row in res["models"] for c in row["bar"].values()) else 1
 
 

@@ -76,16 +76,14 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
              variant: str | None = None) -> dict:
     """Run every model at alpha 0 and at each alpha with the bundle's ``variant`` graph ("fp32",
     "int8", None: the runtime's default); return ``{"rows": [...], "samples": {...}}``."""
-    from tqdm.auto import tqdm
-
     from cmc_edge.eval.runner import perplexity
     from cmc_edge.eval.scoring import answer_recalled
     from cmc_edge.models import resolve_model
-    from cmc_edge.runtime.engine import Delta, Engine, SamplingParams, check_alpha
+    from cmc_edge.recipes.scaffold import answer_all, tokens_per_second
+    from cmc_edge.runtime.engine import Delta, Engine, check_alpha
     from cmc_edge.runtime.target import TargetLLM
 
     alphas = [0.0] + [check_alpha(a) for a in alphas if a != 0.0]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=("\n\n",))
     rows, samples, used = [], {}, variant
     for name in models:
         path = resolve_model(name)
@@ -94,21 +92,20 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
         used = delta.variant
         engine = Engine(target, [delta])
         for a in alphas:
+            answers = answer_all(engine, [it["question"] for it in items], alphas=[a], max_tokens=max_tokens,
+                                 desc=f"{path.stem} alpha={a:g}" if progress else None)
             per_split: dict[str, dict] = {}
-            n_tok, secs, outs = 0, 0.0, []
-            for it in tqdm(items, desc=f"{path.stem} alpha={a:g}", disable=not progress, unit="q"):
-                gen = engine.chat([{"role": "user", "content": it["question"]}], params, alphas=[a])
-                out = gen.read()
-                n_tok, secs = n_tok + len(gen.tokens), secs + gen.seconds
+            for it, ans in zip(items, answers):
                 s = per_split.setdefault(it["split"], {"recalled": [], "rouge_l": [], "nll": []})
                 if it["answers"]:
-                    s["recalled"].append(answer_recalled(out, it["answers"]))
+                    s["recalled"].append(answer_recalled(ans.text, it["answers"]))
                 if it["reference"]:
-                    s["rouge_l"].append(rouge_l_recall(out, it["reference"]))
+                    s["rouge_l"].append(rouge_l_recall(ans.text, it["reference"]))
                     msgs = [{"role": "user", "content": it["question"]}]
                     s["nll"].append(float(engine.score_reply(msgs, it["reference"], alphas=[a]).mean()))
-                outs.append({"question": it["question"], "split": it["split"], "output": out})
-            row = {"model": path.stem, "alpha": a, "tokens_per_s": n_tok / secs if secs else float("nan"),
+            outs = [{"question": it["question"], "split": it["split"], "output": ans.text}
+                    for it, ans in zip(items, answers)]
+            row = {"model": path.stem, "alpha": a, "tokens_per_s": tokens_per_second(answers),
                    "splits": {k: {"recall": (sum(v["recalled"]) / len(v["recalled"])) if v["recalled"] else None,
                                   "rouge_l_recall": _mean(v["rouge_l"]) if v["rouge_l"] else None,
                                   "reference_nll": _mean(v["nll"]) if v["nll"] else None,

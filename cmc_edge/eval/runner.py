@@ -6,7 +6,6 @@ Everything here runs through the runtime (llama.cpp + ONNX delta), exactly as us
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,26 +27,23 @@ class RecallResult:
         return self.correct / self.total if self.total else float("nan")
 
 
-def recall_eval(engine, items: list[dict], *, alphas=None, max_tokens: int = 24, progress=None,
+def recall_eval(engine, items: list[dict], *, alphas=None, max_tokens: int = 24, desc: str | None = None,
                 keep_samples: int = 3) -> dict[str, RecallResult]:
-    """Greedy-answer each ``{"question", "answers", "split"}`` item; an answer counts when an alias appears."""
+    """Greedy-answer each ``{"question", "answers", "split"}`` item (the recipes' one answer loop,
+    :func:`~cmc_edge.recipes.scaffold.answer_all`; ``desc``: a progress bar's label, None for none);
+    an answer counts when an alias appears."""
     from cmc_edge.eval.scoring import answer_recalled
-    from cmc_edge.runtime.engine import SamplingParams
+    from cmc_edge.recipes.scaffold import answer_all
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=("\n\n",))
+    answers = answer_all(engine, [it["question"] for it in items], alphas=alphas, max_tokens=max_tokens, desc=desc)
     acc: dict[str, list] = {}
-    for it in items:
-        gen = engine.chat([{"role": "user", "content": it["question"]}], params, alphas=alphas)
-        text = gen.read()
-        ok = answer_recalled(text, it["answers"])
-        acc.setdefault(it["split"], []).append((ok, len(gen.tokens), gen.seconds, it["question"], text))
-        if progress is not None:
-            progress.update(1)
+    for it, ans in zip(items, answers):
+        acc.setdefault(it["split"], []).append((answer_recalled(ans.text, it["answers"]), ans))
     out = {}
     for split, rows in acc.items():
-        out[split] = RecallResult(split, sum(r[0] for r in rows), len(rows), sum(r[1] for r in rows),
-                                  sum(r[2] for r in rows),
-                                  tuple((q, t, bool(ok)) for ok, _, _, q, t in rows[:keep_samples]))
+        out[split] = RecallResult(split, sum(ok for ok, _ in rows), len(rows), sum(a.tokens for _, a in rows),
+                                  sum(a.seconds for _, a in rows),
+                                  tuple((a.prompt, a.text, bool(ok)) for ok, a in rows[:keep_samples]))
     return out
 
 
@@ -63,12 +59,3 @@ def tokens_per_second(results: dict[str, RecallResult]) -> float:
     toks = sum(r.tokens for r in results.values())
     secs = sum(r.seconds for r in results.values())
     return toks / secs if secs else float("nan")
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0

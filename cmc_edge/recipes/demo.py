@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -54,19 +53,17 @@ class DemoConfig:
     def train_steps(self) -> int:
         return self.steps if self.steps is not None else (120 if self.quick else 300)
 
+    def train_config(self):
+        from cmc_edge.train.loop import TrainConfig
 
-def template_answers(model_path, prompts, max_tokens: int) -> list[str]:
-    """The template's own greedy answers (llama.cpp), used as retain targets for broad prompts."""
-    from cmc_edge.runtime.engine import Engine, SamplingParams
-    from cmc_edge.runtime.target import TargetLLM
-
-    eng = Engine(TargetLLM(model_path, n_ctx=512, n_threads=2), overlap=False)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    return [eng.chat([{"role": "user", "content": p}], params).read().strip() for p in prompts]
+        return TrainConfig(objective=self.objective, alpha=self.alpha, size=self.size, steps=self.train_steps,
+                           batch_size=self.batch_size, lr=self.lr, kl_weight=self.kl_weight, seed=self.seed,
+                           **self.train_overrides)
 
 
 def build_data(cfg: DemoConfig, template_path, run_dir: Path) -> dict:
     from cmc_edge.eval import demo_data as dd
+    from cmc_edge.recipes.scaffold import template_answers, write_jsonl
 
     known = sorted(set(dd.KNOWN_COUNTRIES["smollm2"]) & set(dd.KNOWN_COUNTRIES["gemma3"]))
     split = dd.build_unlearning_split(known, n_forget=cfg.n_forget, seed=cfg.seed)
@@ -85,7 +82,7 @@ def build_data(cfg: DemoConfig, template_path, run_dir: Path) -> dict:
               for e in train if e["tag"] == "retain"]
     retain += [{"prompt": p, "response": a} for p, a in zip(broad, answers) if a]
     for name, rows in (("forget", forget), ("retain", retain)):
-        (run_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(run_dir / f"{name}.jsonl", rows)
     items = dd.build_eval_items(split)
     if cfg.quick:
         items = items[::2]
@@ -93,28 +90,7 @@ def build_data(cfg: DemoConfig, template_path, run_dir: Path) -> dict:
     return {"split": split, "items": items, "n_forget": len(forget), "n_retain": len(retain)}
 
 
-def train_and_export(cfg, template_path, run_dir: Path, roles=("forget", "retain")) -> Path:
-    """Train on ``run_dir/<role>.jsonl`` for each role, export the bundle to ``run_dir/bundle``."""
-    from cmc_edge.export import export_bundle
-    from cmc_edge.train.data import encode_records, read_jsonl
-    from cmc_edge.train.loop import TrainConfig, train
-    from cmc_edge.train.template import load_template
-
-    tpl = load_template(template_path)
-    data = {role: encode_records(read_jsonl(run_dir / f"{role}.jsonl"), tpl.tokenizer, tpl.prompt_format, role, 256)
-            for role in roles}
-    tcfg = TrainConfig(objective=cfg.objective, alpha=cfg.alpha, size=cfg.size, steps=cfg.train_steps,
-                       batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight, seed=cfg.seed,
-                       **cfg.train_overrides)
-    ckpt = train(tpl, data, tcfg, run_dir / "checkpoint")
-    del tpl
-    gc.collect()
-    return export_bundle(ckpt, run_dir / "bundle")
-
-
 def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], alpha: float) -> dict:
-    from tqdm.auto import tqdm
-
     from cmc_edge.eval import demo_data as dd
     from cmc_edge.eval.runner import perplexity, recall_eval, tokens_per_second
     from cmc_edge.runtime.engine import Delta, Engine
@@ -129,9 +105,7 @@ def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], alpha
            "map_kind": "identity" if delta.map.is_identity else "pm-mined"}
     text = "\n\n".join(dd.GENERAL_TEXT)
     for cond, a in (("base", 0.0), ("filtered", alpha)):
-        bar = tqdm(total=len(items), desc=f"{name} {cond}", unit="q")
-        res = recall_eval(engine, items, alphas=[a], progress=bar)
-        bar.close()
+        res = recall_eval(engine, items, alphas=[a], desc=f"{name} {cond}")
         out[cond] = {split: {"recall": r.recall, "correct": r.correct, "total": r.total,
                              "samples": [list(s) for s in r.samples]} for split, r in res.items()}
         out[cond]["tokens_per_s"] = tokens_per_second(res)
@@ -175,37 +149,33 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """The whole demo in a new run directory under ``cfg.out_root``; returns the result (also
+    ``results.json``, with the chart ``results.png``): the table, each model's rows and bar check."""
     from cmc_edge.models import resolve_model
+    from cmc_edge.recipes.scaffold import Stopwatch, new_run_dir, train_and_export
 
-    t_start = time.perf_counter()
-    run_dir = Path(cfg.out_root) / time.strftime("demo-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=False)
+    sw = Stopwatch()
+    run_dir = new_run_dir(cfg.out_root, "demo")
     paths = {m: resolve_model(m) for m in cfg.models}
     template_path = paths["smollm2"]
-    timings = {}
-    t0 = time.perf_counter()
-    data = build_data(cfg, template_path, run_dir)
-    timings["data_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bundle = train_and_export(cfg, template_path, run_dir)
-    timings["train_export_s"] = time.perf_counter() - t0
+    with sw("data_s"):
+        data = build_data(cfg, template_path, run_dir)
+    with sw("train_export_s"):
+        bundle = train_and_export(run_dir, template_path, cfg.train_config())
     rows = []
     for name in cfg.models:
-        t0 = time.perf_counter()
-        row = evaluate_model(name, paths[name], bundle, data["items"], cfg.alpha)
-        row["bar"] = check_bar(row)
+        with sw(f"eval_{name}_s"):
+            row = evaluate_model(name, paths[name], bundle, data["items"], cfg.alpha)
+            row["bar"] = check_bar(row)
         rows.append(row)
-        timings[f"eval_{name}_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
+    timings = {**sw.seconds, "total_s": sw.total}
     table = format_table(rows)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
               "split": data["split"], "train_examples": {"forget": data["n_forget"], "retain": data["n_retain"]},
               "eval_items": len(data["items"]), "models": rows, "timings": timings, "table": table,
-              "bundle": str(bundle)}
+              "bundle": str(bundle), "run_dir": str(run_dir)}
     (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     plot_demo(result, run_dir / "results.png")
-    print(table)
-    print(f"\nrun directory: {run_dir}  (total {timings['total_s'] / 60:.1f} min)")
     return result
 
 

@@ -23,7 +23,6 @@ import json
 import logging
 import random
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,6 +52,13 @@ class JsonRecipeConfig:
     @property
     def train_steps(self) -> int:
         return self.steps if self.steps is not None else 200
+
+    def train_config(self):
+        from cmc_edge.train.loop import TrainConfig
+
+        return TrainConfig(objective=self.objective, alpha=self.alpha, size=self.size, steps=self.train_steps,
+                           batch_size=self.batch_size, lr=self.lr, kl_weight=self.kl_weight, seed=self.seed,
+                           **self.train_overrides)
 
 
 # Short questions of many kinds for training the format; disjoint from every evaluation question
@@ -162,29 +168,31 @@ def build_eval_items(countries) -> list[dict]:
     return items
 
 
-def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: JsonRecipeConfig) -> dict:
-    from tqdm.auto import tqdm
-
+def score_answers(items: list[dict], answers) -> list[dict]:
+    """Each item with its output, whether that is exactly one JSON answer (``adherent``) and whether
+    an alias appears in it (``correct``); ``answers``: :func:`~cmc_edge.recipes.scaffold.answer_all`'s."""
     from cmc_edge.eval.scoring import answer_recalled
-    from cmc_edge.runtime.engine import Delta, Engine, SamplingParams
+
+    return [{"question": it["question"], "output": ans.text, "kind": it.get("kind"),
+             "adherent": parse_json_answer(ans.text) is not None,
+             "correct": answer_recalled(ans.text, it["answers"])} for it, ans in zip(items, answers)]
+
+
+def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: JsonRecipeConfig) -> dict:
+    from cmc_edge.recipes.scaffold import answer_all, tokens_per_second
+    from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.runtime.target import TargetLLM
 
     target = TargetLLM(model_path, n_ctx=1024, n_threads=2)
     engine = Engine(target, [Delta(bundle, target, alpha=cfg.alpha)])
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, stop=("\n\n",))
     out = {"model": name, "variant": engine.deltas[0].variant}
     for cond, a in (("base", 0.0), ("delta", cfg.alpha)):
-        rows, n_tok, secs = [], 0, 0.0
-        for it in tqdm(items, desc=f"{name} {'with' if a else 'without'} delta", unit="q"):
-            gen = engine.chat([{"role": "user", "content": it["question"]}], params, alphas=[a])
-            text = gen.read()
-            n_tok, secs = n_tok + len(gen.tokens), secs + gen.seconds
-            rows.append({"question": it["question"], "output": text, "kind": it["kind"],
-                         "adherent": parse_json_answer(text) is not None,
-                         "correct": answer_recalled(text, it["answers"])})
+        answers = answer_all(engine, [it["question"] for it in items], alphas=[a], max_tokens=cfg.max_tokens,
+                             desc=f"{name} {'with' if a else 'without'} delta")
+        rows = score_answers(items, answers)
         out[cond] = {"adherence": sum(r["adherent"] for r in rows) / len(rows),
                      "correct": sum(r["correct"] for r in rows) / len(rows),
-                     "tokens_per_s": n_tok / secs if secs else float("nan"), "samples": rows}
+                     "tokens_per_s": tokens_per_second(answers), "samples": rows}
     engine.close()
     return out
 
@@ -219,40 +227,35 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_json_recipe(cfg: JsonRecipeConfig) -> dict:
+    """The whole recipe in a new run directory under ``cfg.out_root``; returns the result (also
+    ``results.json``): the table, each model's rows and bar check."""
     from cmc_edge.eval import demo_data as dd
-    from cmc_edge.recipes.demo import template_answers, train_and_export
     from cmc_edge.models import resolve_model
+    from cmc_edge.recipes.scaffold import Stopwatch, new_run_dir, template_answers, train_and_export, write_jsonl
 
-    t_start = time.perf_counter()
-    run_dir = Path(cfg.out_root) / time.strftime("json-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=False)
+    sw = Stopwatch()
+    run_dir = new_run_dir(cfg.out_root, "json")
     paths = {m: resolve_model(m) for m in cfg.models}
-    timings = {}
-    t0 = time.perf_counter()
-    countries = dd.known_by("smollm2", "gemma3")
-    prompts = train_prompts(countries, dd.BROAD_PROMPTS, forms_per_country=cfg.forms_per_country, seed=cfg.seed)
-    answers = template_answers(paths["smollm2"], prompts, cfg.answer_tokens)
-    recs = build_train_records(prompts, answers, seed=cfg.seed)
-    (run_dir / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    items = build_eval_items(countries)
-    (run_dir / "eval_items.json").write_text(json.dumps(items, indent=1))
-    timings["data_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bundle = train_and_export(cfg, paths["smollm2"], run_dir, roles=("sft",))
-    timings["train_export_s"] = time.perf_counter() - t0
+    with sw("data_s"):
+        countries = dd.known_by("smollm2", "gemma3")
+        prompts = train_prompts(countries, dd.BROAD_PROMPTS, forms_per_country=cfg.forms_per_country, seed=cfg.seed)
+        answers = template_answers(paths["smollm2"], prompts, cfg.answer_tokens)
+        recs = build_train_records(prompts, answers, seed=cfg.seed)
+        write_jsonl(run_dir / "sft.jsonl", recs)
+        items = build_eval_items(countries)
+        (run_dir / "eval_items.json").write_text(json.dumps(items, indent=1))
+    with sw("train_export_s"):
+        bundle = train_and_export(run_dir, paths["smollm2"], cfg.train_config(), roles=("sft",))
     rows = []
     for name in cfg.models:
-        t0 = time.perf_counter()
-        row = evaluate_model(name, paths[name], bundle, items, cfg)
-        row["bar"] = check_bar(row)
+        with sw(f"eval_{name}_s"):
+            row = evaluate_model(name, paths[name], bundle, items, cfg)
+            row["bar"] = check_bar(row)
         rows.append(row)
-        timings[f"eval_{name}_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
+    timings = {**sw.seconds, "total_s": sw.total}
     table = format_table(rows)
     result = {"recipe": "json", "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
               "train_examples": len(recs), "eval_items": len(items), "models": rows, "timings": timings,
-              "table": table, "bundle": str(bundle)}
+              "table": table, "bundle": str(bundle), "run_dir": str(run_dir)}
     (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    print(table)
-    print(f"\nrun directory: {run_dir}  (total {timings['total_s'] / 60:.1f} min)")
     return result

@@ -1,5 +1,5 @@
-"""What every recipe shares: one greedy-answer loop, the template's own answers, training and
-export of the delta, and token bans for the blocklist baseline.
+"""What every recipe shares: a run directory, one greedy-answer loop, the template's own answers,
+training and export of the delta, and token bans for the blocklist baseline.
 
 A recipe (:mod:`cmc_edge.recipes.forget`, the demo, the JSON recipe) is a page of data and
 choices over these functions.
@@ -8,6 +8,7 @@ choices over these functions.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -43,6 +44,34 @@ def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None
         text = gen.read()
         out.append(Answer(p, text, len(gen.tokens), gen.seconds))
     return out
+
+
+def tokens_per_second(answers: Sequence[Answer]) -> float:
+    """Decoding speed over ``answers``: all their tokens over all their seconds (NaN for none)."""
+    secs = sum(a.seconds for a in answers)
+    return sum(a.tokens for a in answers) / secs if secs else float("nan")
+
+
+def new_run_dir(root, prefix: str) -> Path:
+    """A new, empty run directory ``root/<prefix>-YYYYmmdd-HHMMSS`` (``-2``, ``-3``, ... appended
+    when a run started in the same second), so a run never writes into another's files."""
+    stamp = Path(root) / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run_dir = stamp if n == 1 else stamp.with_name(f"{stamp.name}-{n}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        log.info("run directory %s", run_dir)
+        return run_dir
+    raise FileExistsError(f"{stamp}: no free run directory name")
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """One JSON object per line (UTF-8, not escaped): a recipe's training records."""
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return Path(path)
 
 
 def template_engine(model_path, n_ctx: int = 1024):
