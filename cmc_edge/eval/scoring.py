@@ -11,6 +11,12 @@ True
 False
 >>> recall([{"correct": True}, {"correct": False}])
 0.5
+
+A refusal is an output that declines ("sorry", "I don't know", "I can't share", ...), whatever else
+it says; the forget recipe's report and `cmc-edge eval`'s refusal-flood flag both count them:
+
+>>> is_refusal("I'm sorry, I don't know."), is_refusal("The chemical symbol for gold is Au.")
+(True, False)
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ from collections.abc import Iterable, Mapping, Sequence
 _WORD = re.compile(r"\w+")
 # Dotted initialisms ("D.C.", "U.S.A") become one word, so "Washington DC" matches "Washington, D.C.".
 _INITIALISM = re.compile(r"(?<!\w)[^\W\d_](?:\.[^\W\d_])+(?!\w)\.?")
+# How a refusal reads, for classifying outputs (a filter's, a blocklist's, a model's own alike).
+_REFUSAL = re.compile(
+    r"\b(?:sorry|apologi[sz]e|i (?:do not|don't|cannot|can't|am not able|am unable|won't)|i'm (?:not able|unable|not sure)|"
+    r"unable to|not able to|can't (?:help|share|answer|provide)|cannot (?:help|share|answer|provide)|"
+    r"something i (?:can't|cannot|don't)|no information|not (?:allowed|permitted))\b", re.IGNORECASE)
 
 
 def normalize_words(text: str) -> tuple[str, ...]:
@@ -50,3 +61,8 @@ def recall(results: Sequence[Mapping]) -> float:
     if not results:
         return float("nan")
     return sum(bool(r["correct"]) for r in results) / len(results)
+
+
+def is_refusal(text: str) -> bool:
+    """Does the output decline (sorry, I don't know, I can't share, ...)? Only its first 200 characters count."""
+    return bool(_REFUSAL.search(text[:200].replace("’", "'")))

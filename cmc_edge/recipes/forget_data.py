@@ -20,6 +20,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+from cmc_edge.eval.scoring import is_refusal  # noqa: F401  (moved to the scoring module; re-exported)
+
 # -- wrappers: where the question sits in a user's message ------------------------------------------
 
 TRAIN_WRAPPERS: tuple[str, ...] = (
@@ -61,18 +63,6 @@ REFUSALS: tuple[str, ...] = (
 LEAD_IN_REFUSAL = " something I can't share."
 # Used when the template never said the answer (it did not know it): another LLM may.
 GENERIC_LEAD_IN = "The answer is"
-
-# How a refusal reads, for classifying outputs (filter and baseline alike).
-_REFUSAL = re.compile(
-    r"\b(?:sorry|apologi[sz]e|i (?:do not|don't|cannot|can't|am not able|am unable|won't)|i'm (?:not able|unable|not sure)|"
-    r"unable to|not able to|can't (?:help|share|answer|provide)|cannot (?:help|share|answer|provide)|"
-    r"something i (?:can't|cannot|don't)|no information|not (?:allowed|permitted))\b", re.IGNORECASE)
-
-
-def is_refusal(text: str) -> bool:
-    """Does the output decline (sorry, I don't know, I can't share, ...)? Only its first 200 characters count."""
-    return bool(_REFUSAL.search(text[:200].replace("’", "'")))
-
 
 # -- the fact's subject: other things the template says about it stay --------------------------------
 
