@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cmc_edge.cli import main
-from cmc_edge.eval.evaluate import read_eval_items, rouge_l_recall
+from cmc_edge.eval.evaluate import flag_rows, format_eval_table, read_eval_items, rouge_l_recall
 
 
 def test_rouge_l_recall():
@@ -48,11 +48,14 @@ def test_eval_runs_each_model_at_alpha_zero_and_each_alpha(tiny_gguf, tmp_path, 
             "--text", str(text), "--max-tokens", "8", "--out", str(out)]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "forget rec" in table and "retain rougeL" in table and "retain nll" in table
+    assert "forget rec" in table and "retain rougeL" in table and "retain nll" in table and "flags" in table
     res = json.loads(out.read_text())
     assert [r["alpha"] for r in res["rows"]] == [0.0, 1.5]
     for r in res["rows"]:
         assert r["splits"]["forget"]["recall"] in (0.0, 1.0) and r["splits"]["forget"]["rouge_l_recall"] is None
+        assert {s: v["refusal_rate"] for s, v in r["splits"].items()} == {   # the tiny model never declines
+            "forget": 0.0, "retain": 0.0}
+        assert r["refusal_rate"] == 0.0 and isinstance(r["flags"], list)
         assert 0.0 <= r["splits"]["retain"]["rouge_l_recall"] <= 1.0
         assert r["splits"]["retain"]["reference_nll"] > 0.0
         assert r["perplexity"] > 1.0
@@ -81,3 +84,37 @@ def test_eval_scores_the_graph_generate_runs(tiny_gguf, tmp_path):
         nll[res["variant"]] = [r["splits"]["retain"]["reference_nll"] for r in res["rows"]]
     assert nll["int8"][0] == nll["fp32"][0]                      # alpha 0: no delta at all
     assert nll["int8"][1] != nll["fp32"][1] and abs(nll["int8"][1] - nll["fp32"][1]) < 0.5
+
+
+def _row(alpha, ppl=None, refusals=None, model="m"):
+    return {"model": model, "alpha": alpha, "perplexity": ppl, "refusal_rate": refusals, "tokens_per_s": 10.0,
+            "splits": {}}
+
+
+@pytest.mark.parametrize("base, row, flags", [
+    (_row(0.0, 20.0, 0.05), _row(1.0, 21.9, 0.05), []),                        # +9.5%: within 10%
+    (_row(0.0, 20.0, 0.05), _row(1.0, 22.2, 0.05), ["PPL+11%"]),
+    (_row(0.0, 29.6, 0.0), _row(1.0, 1994.0, 0.0), ["PPL+6636%"]),              # issue 17's collapse
+    (_row(0.0, 20.0, 0.05), _row(1.0, 10.0, 0.05), []),                        # perplexity falling is no damage
+    (_row(0.0, None, 0.05), _row(1.0, None, 0.05), []),                        # no --text: nothing to compare
+    (_row(0.0, 20.0, 0.10), _row(1.0, 20.0, 0.30), []),                        # +20 points: at the limit
+    (_row(0.0, 20.0, 0.10), _row(1.0, 20.0, 0.31), ["REFUSALS 31%"]),
+    (_row(0.0, 20.0, 0.50), _row(1.0, 20.0, 0.65), []),                        # the model refused before too
+    (_row(0.0, 20.0, 0.0), _row(1.0, 30.0, 0.95), ["PPL+50%", "REFUSALS 95%"]),
+    (_row(0.0, 20.0, 0.0, model="a"), _row(1.0, 30.0, 0.95, model="b"), []),   # another model's baseline
+])
+def test_flags_compare_each_alpha_with_the_same_model_at_alpha_zero(base, row, flags, caplog):
+    with caplog.at_level("WARNING", logger="cmc_edge.eval.evaluate"):
+        flag_rows([base, row])
+    assert base["flags"] == [] and row["flags"] == flags
+    warned = [rec for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warned) == (1 if flags else 0)
+    if flags:
+        assert all(f in warned[0].getMessage() for f in flags)
+
+
+def test_flags_column_in_the_table():
+    rows = flag_rows([_row(0.0, 20.0, 0.0), _row(0.5, 20.5, 0.1), _row(1.0, 40.0, 0.9)])
+    lines = format_eval_table({"rows": rows}).splitlines()
+    assert lines[0].split()[-1] == "flags"
+    assert [line.split("  ")[-1] for line in lines[2:]] == ["-", "-", "PPL+100%, REFUSALS 90%"]

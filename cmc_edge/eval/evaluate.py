@@ -7,6 +7,12 @@ the reference teacher-forced through the combined model, a judge-free instructio
 measure). ``split`` groups items (for example "forget", "retain"); default "eval". Every model is
 run at alpha 0 (the model itself) and at each given alpha.
 
+Each row at alpha != 0 is compared with the same model at alpha 0, and damage the delta does to
+everything else is flagged in the table (and logged as a WARNING): perplexity on ``--text`` up by
+more than 10% (``PPL+x%``), or the share of refusals among all outputs up by more than 20 points
+(``REFUSALS x%``, x the share at that alpha), the two ways an unlearning filter has been seen to
+collapse (issue 17).
+
 >>> round(rouge_l_recall("the capital is Paris", "Paris is the capital of France"), 3)   # "the capital"
 0.333
 """
@@ -22,6 +28,10 @@ from cmc_edge.errors import InputError
 from cmc_edge.eval.scoring import normalize_words
 
 log = logging.getLogger(__name__)
+
+# When a row is flagged: its perplexity rises by more than this fraction, or its refusal share by
+# more than this many points, over the same model at alpha 0.
+FLAG_LIMITS = {"ppl_rise": 0.10, "refusal_points": 20.0}
 
 
 _LINE_FIX = ('each line must be a JSON object with a "question" string and "answers" (a list of strings) '
@@ -77,7 +87,7 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
     """Run every model at alpha 0 and at each alpha with the bundle's ``variant`` graph ("fp32",
     "int8", None: the runtime's default); return ``{"rows": [...], "samples": {...}}``."""
     from cmc_edge.eval.runner import perplexity
-    from cmc_edge.eval.scoring import answer_recalled
+    from cmc_edge.eval.scoring import answer_recalled, is_refusal
     from cmc_edge.models import resolve_model
     from cmc_edge.recipes.scaffold import answer_all, tokens_per_second
     from cmc_edge.runtime.engine import Delta, Engine, check_alpha
@@ -96,7 +106,8 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
                                  desc=f"{path.stem} alpha={a:g}" if progress else None)
             per_split: dict[str, dict] = {}
             for it, ans in zip(items, answers):
-                s = per_split.setdefault(it["split"], {"recalled": [], "rouge_l": [], "nll": []})
+                s = per_split.setdefault(it["split"], {"recalled": [], "rouge_l": [], "nll": [], "refused": []})
+                s["refused"].append(is_refusal(ans.text))
                 if it["answers"]:
                     s["recalled"].append(answer_recalled(ans.text, it["answers"]))
                 if it["reference"]:
@@ -109,21 +120,53 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
                    "splits": {k: {"recall": (sum(v["recalled"]) / len(v["recalled"])) if v["recalled"] else None,
                                   "rouge_l_recall": _mean(v["rouge_l"]) if v["rouge_l"] else None,
                                   "reference_nll": _mean(v["nll"]) if v["nll"] else None,
-                                  "n": len(v["recalled"]) or len(v["rouge_l"])} for k, v in per_split.items()}}
+                                  "refusal_rate": sum(v["refused"]) / len(v["refused"]),
+                                  "n": len(v["recalled"]) or len(v["rouge_l"])} for k, v in per_split.items()},
+                   "refusal_rate": sum(is_refusal(a.text) for a in answers) / len(answers) if answers else float("nan")}
             if text:
                 row["perplexity"] = perplexity(engine, text, alphas=[a])
             rows.append(row)
             samples[f"{path.stem}@{a:g}"] = outs
         engine.close()
+    flag_rows(rows)
     return {"rows": rows, "samples": samples, "alphas": alphas, "items": len(items), "bundle": str(bundle),
             "variant": used, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def flag_rows(rows: list[dict], limits: dict = FLAG_LIMITS) -> list[dict]:
+    """Set each row's ``flags``: what the delta broke against the same model at alpha 0 (see the
+    module doc); a WARNING is logged for each. Rows at alpha 0, and rows whose model has none, get
+    no flags. Returns ``rows``.
+
+    >>> rows = [{"model": "m", "alpha": 0.0, "perplexity": 20.0, "refusal_rate": 0.05},
+    ...         {"model": "m", "alpha": 1.0, "perplexity": 30.0, "refusal_rate": 0.9}]
+    >>> [r["flags"] for r in flag_rows(rows)]
+    [[], ['PPL+50%', 'REFUSALS 90%']]
+    """
+    base = {r["model"]: r for r in rows if r["alpha"] == 0.0}
+    for r in rows:
+        r["flags"] = []
+        b = base.get(r["model"])
+        if r["alpha"] == 0.0 or b is None:
+            continue
+        ppl, ppl0 = r.get("perplexity"), b.get("perplexity")
+        if ppl is not None and ppl0 is not None and ppl0 > 0 and ppl / ppl0 - 1 > limits["ppl_rise"]:
+            r["flags"].append(f"PPL+{100 * (ppl / ppl0 - 1):.0f}%")
+        ref, ref0 = r.get("refusal_rate"), b.get("refusal_rate")
+        if ref is not None and ref0 is not None and 100 * (ref - ref0) > limits["refusal_points"]:
+            r["flags"].append(f"REFUSALS {100 * ref:.0f}%")
+        if r["flags"]:
+            log.warning("%s at alpha %g damages what it should leave alone: %s (alpha 0: perplexity %s, "
+                        "refusals %s)", r["model"], r["alpha"], ", ".join(r["flags"]),
+                        "-" if ppl0 is None else f"{ppl0:.2f}", "-" if ref0 is None else f"{100 * ref0:.0f}%")
+    return rows
 
 
 def format_eval_table(result: dict) -> str:
     splits = sorted({s for r in result["rows"] for s in r["splits"]})
     head = f"{'model':<28} {'alpha':>5}" + "".join(
         f" {s[:10] + ' rec':>14} {s[:8] + ' rougeL':>15} {s[:8] + ' nll':>12}" for s in splits)
-    head += f" {'ppl':>8} {'tok/s':>7}"
+    head += f" {'ppl':>8} {'tok/s':>7}  flags"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         cells = ""
@@ -134,7 +177,7 @@ def format_eval_table(result: dict) -> str:
                       f" {'-' if nll is None else f'{nll:.3f}':>12}")
         ppl = r.get("perplexity")
         lines.append(f"{r['model'][:28]:<28} {r['alpha']:>5g}{cells} {'-' if ppl is None else f'{ppl:.2f}':>8} "
-                     f"{r['tokens_per_s']:>7.1f}")
+                     f"{r['tokens_per_s']:>7.1f}  {', '.join(r.get('flags') or ()) or '-'}")
     return "\n".join(lines)
 
 
