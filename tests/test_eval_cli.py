@@ -51,6 +51,7 @@ def test_eval_runs_each_model_at_alpha_zero_and_each_alpha(tiny_gguf, tmp_path, 
     assert "forget rec" in table and "retain rougeL" in table and "retain nll" in table and "flags" in table
     res = json.loads(out.read_text())
     assert [r["alpha"] for r in res["rows"]] == [0.0, 1.5]
+    assert res["flag_limits"] == {"ppl_rise": 0.10, "refusal_points": 20.0}
     for r in res["rows"]:
         assert r["splits"]["forget"]["recall"] in (0.0, 1.0) and r["splits"]["forget"]["rouge_l_recall"] is None
         assert {s: v["refusal_rate"] for s, v in r["splits"].items()} == {   # the tiny model never declines

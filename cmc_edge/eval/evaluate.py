@@ -130,7 +130,7 @@ def evaluate(bundle, models: list[str], items: list[dict], alphas: list[float], 
         engine.close()
     flag_rows(rows)
     return {"rows": rows, "samples": samples, "alphas": alphas, "items": len(items), "bundle": str(bundle),
-            "variant": used, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "variant": used, "flag_limits": dict(FLAG_LIMITS), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def flag_rows(rows: list[dict], limits: dict = FLAG_LIMITS) -> list[dict]:
