@@ -186,3 +186,19 @@ def test_check_bar_compares_with_the_blocklist():
     res["filter"]["ppl"] = 33.0
     bar = fr.check_bar(res)
     assert not bar["wrong_vs_blocklist"]["pass"] and not bar["ppl_rise"]["pass"]
+
+
+def test_retain_and_validation_questions_never_meet_the_test_split():
+    from cmc_edge.eval.demo_data import UNRELATED_QUESTIONS
+
+    test = {q.casefold() for q, *_ in UNRELATED_QUESTIONS}
+    val = {q.casefold() for q, _ in fd.VALIDATION_GENERAL}
+    retain = {q.casefold() for q in fd.RETAIN_QUESTIONS}
+    assert not (test & val or test & retain or val & retain)
+    assert not set(fd.VALIDATION_BROAD) & set(fd.RETAIN_QUESTIONS)
+
+
+def test_choose_alpha_prefers_refusals_to_made_up_answers():
+    m = {0.0: BASE, 0.5: {**BASE, "forget": 0.0, "outcomes": {"wrong": 0.8}},
+         1.0: {**BASE, "forget": 0.0, "outcomes": {"wrong": 0.1}}}
+    assert fr.choose_alpha(m)[:2] == (1.0, "ok")

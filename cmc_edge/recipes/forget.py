@@ -51,8 +51,8 @@ class ForgetConfig:
     kl_weight: float = 2.0
     avoid_margin: float = 16.0
     alphas: tuple[float, ...] = (0.5, 1.0, 1.5)
-    answer_tokens: int = 40
-    check_tokens: int = 32
+    answer_tokens: int = 32
+    check_tokens: int = 24
     probes: bool = True
     seed: int = 0
     size: str = "15m"
@@ -70,12 +70,12 @@ class ForgetConfig:
 
 def lead_in_prompts(facts: list[Fact]) -> list[tuple[Fact, str]]:
     """(fact, prompt) pairs the template answers to find its lead-ins: each forget question in the
-    first three training wrappers."""
+    first two training wrappers."""
     return [(f, fd.wrap(w, q)) for f in facts if f.split == "forget" for q in f.questions
-            for w in fd.TRAIN_WRAPPERS[:3]]
+            for w in fd.TRAIN_WRAPPERS[:2]]
 
 
-def keep_prompts(facts: list[Fact], per_question: int = 4) -> list[tuple[Fact, str]]:
+def keep_prompts(facts: list[Fact], per_question: int = 3) -> list[tuple[Fact, str]]:
     """(fact, prompt) for kept facts: ``per_question`` training wrappers each, rotating so that every
     wrapper is used."""
     out, k = [], 0
@@ -297,7 +297,9 @@ def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list
     if not safe:
         return min(a for a in measured if a), "collapse", reasons
     best = max(safe.values())
-    alpha = min(a for a, d in safe.items() if d >= best - 0.02)
+    # Near-best forgetting; then fewer made-up answers (a refusal beats a wrong answer); then the smaller alpha.
+    near = [a for a, d in safe.items() if d >= best - 0.02]
+    alpha = min(near, key=lambda a: (round(measured[a].get("outcomes", {}).get("wrong", 0.0), 3), a))
     return alpha, ("ok" if safe[alpha] >= bar["forget_drop"] else "weak"), reasons
 
 
@@ -469,7 +471,8 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
         resolve_model(name)            # fail before the long part
     sw = Stopwatch()
     with atomic_dir(out, overwrite=overwrite) as run:
-        broad = list(BROAD_PROMPTS) + list(cfg.keep_prompts)
+        own = {q.casefold() for f in facts for q in f.questions}
+        broad = [p for p in (*BROAD_PROMPTS, *fd.RETAIN_QUESTIONS, *cfg.keep_prompts) if p.casefold() not in own]
         with sw("data"):
             asked = ([p for _, p in lead_in_prompts(facts)] + [p for _, p in keep_prompts(facts)]
                      + [p for _, p in subject_prompts(facts)] + broad)
