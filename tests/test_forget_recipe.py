@@ -202,3 +202,11 @@ def test_choose_alpha_prefers_refusals_to_made_up_answers():
     m = {0.0: BASE, 0.5: {**BASE, "forget": 0.0, "outcomes": {"wrong": 0.8}},
          1.0: {**BASE, "forget": 0.0, "outcomes": {"wrong": 0.1}}}
     assert fr.choose_alpha(m)[:2] == (1.0, "ok")
+
+
+def test_choose_alpha_allows_one_question_of_noise():
+    base = {**BASE, "counts": {"general": 19, "keep": 36}}
+    one = {**BASE, "forget": 0.0, "general": BASE["general"] - 1 / 19}
+    two = {**BASE, "forget": 0.0, "general": BASE["general"] - 2 / 19}
+    assert fr.choose_alpha({0.0: base, 1.0: one})[:2] == (1.0, "ok")
+    assert fr.choose_alpha({0.0: base, 1.0: two})[1] == "collapse"

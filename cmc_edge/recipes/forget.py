@@ -229,6 +229,7 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         by.setdefault(r["split"], []).append(r)
     out = {split: _rate(v) for split, v in by.items()}
+    out["counts"] = {split: len(v) for split, v in by.items()}
     wrong_place = by.get("keep", []) + by.get("general", [])
     out["refused_elsewhere"] = _rate(wrong_place, "refused")
     attacked = by.get("forget", []) + by.get("probe", [])
@@ -264,7 +265,8 @@ def _drift(rows: list[dict], base_rows: list[dict]) -> float:
 def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list[str]]:
     """Pick the strength from validation measurements ``{alpha: summary}`` (alpha 0 = the template).
 
-    An alpha is *safe* when kept and general recall stay within the bar's points of the template's,
+    An alpha is *safe* when kept and general recall stay within the bar's points (or one question,
+    whichever is more) of the template's,
     refusals where none belong rise by at most 10 points and validation perplexity by less than the
     bar. Among safe alphas the strongest forgetting wins (the smallest alpha within 2 points of it).
     Returns (alpha, status, reasons): status "ok", "weak" (safe, but forgetting short of the bar) or
@@ -283,6 +285,9 @@ def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list
             continue
         why = []
         for split, pts in (("keep", bar["keep_points"]), ("general", bar["general_points"])):
+            # One question of slack: with 19 general questions, one changed answer is 5.3 points.
+            n = base.get("counts", {}).get(split, 0)
+            pts = max(pts, 100 / n + 1e-9) if n else pts
             if split in base and not math.isnan(base[split]) and 100 * (base[split] - m[split]) > pts:
                 why.append(f"{split} recall {100 * (m[split] - base[split]):+.1f} pts")
         if 100 * (m["refused_elsewhere"] - base["refused_elsewhere"]) > 10:
@@ -512,6 +517,9 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             engine.close()
             del engine, delta, target
             alpha, status, reasons = choose_alpha(measured)
+            log.info("alpha %g chosen on validation (%s); %s", alpha, status,
+                     "; ".join(f"{a:g}: forget {100 * m['forget']:.0f}%, general {100 * m['general']:.0f}%, "
+                               f"ppl {m['ppl']:.2f}" for a, m in measured.items()))
             set_default_alpha(bundle, alpha, reason=f"chosen on the forget recipe's validation split ({status})")
         with sw("check"):
             leads = stats["lead_ins"]
