@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -137,7 +138,23 @@ def cmd_train(args) -> int:
             for role, recs in records.items()}
     out = train(tpl, data, cfg, args.out, overwrite=args.overwrite, resume=args.resume)
     print(f"delta checkpoint: {out}")
+    # Under torchrun every rank runs this command; rank 0 wrote the checkpoint and checks it.
+    if cfg.objective.startswith("unlearn") and not args.no_drift_check and os.environ.get("RANK", "0") == "0":
+        _drift_check(tpl, out)
     return 0
+
+
+def _drift_check(tpl, checkpoint) -> None:
+    """Print the checkpoint's drift table; loud warnings when it damages unrelated text."""
+    from cmc_edge.train.drift import ADVICE, check_checkpoint_drift, format_drift
+
+    report = check_checkpoint_drift(tpl, checkpoint, log_warnings=False)
+    print(format_drift(report))
+    print(f"(every answer in {Path(checkpoint) / 'drift.json'})")
+    for w in report["warnings"]:
+        print(f"WARNING: {w}", file=sys.stderr)
+    if report["warnings"]:
+        print(f"WARNING: {ADVICE}", file=sys.stderr)
 
 
 def cmd_export(args) -> int:
@@ -346,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--no-cache", action="store_true", help="recompute template log-probs every step")
+    p.add_argument("--no-drift-check", action="store_true",
+                   help="unlearning: skip the check after training (perplexity of held-out prose, general-question "
+                        "recall and refusals, template vs template + delta; written to OUT/drift.json)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("export", help="export a delta checkpoint to an ONNX bundle (fp32 + INT8)")
