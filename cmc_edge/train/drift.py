@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cmc_edge.eval.scoring import is_refusal
 from cmc_edge.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,6 @@ log = logging.getLogger(__name__)
 ADVICE = ("to keep the filter to its facts, try more and broader --retain data (ordinary prompts answered as the "
           "template answers them), a higher --kl-weight, fewer --steps, or `cmc-edge forget`, which builds that "
           "data itself and chooses the filter's strength on held-out questions")
-
-# How a refusal reads. The forget recipe classifies its outputs with a longer pattern of the same words.
-_REFUSAL = re.compile(r"\b(?:sorry|I don't know|I do not know|I can't|I cannot|unable to|not able to)\b",
-                      re.IGNORECASE)
-
-
-def _is_refusal(text: str) -> bool:
-    return bool(_REFUSAL.search(text.replace("\u2019", "'")))
-
 
 @dataclass(frozen=True)
 class DriftLimits:
@@ -164,7 +156,7 @@ def measure_drift(template, delta, alpha: float, *, texts: Sequence[str] | None 
         "kl": prose["kl"],
         "questions": n,
         "recall": {k: sum(answer_recalled(r, a) for r, (_, a) in zip(rs, questions)) / n for k, rs in replies.items()},
-        "refusals": {k: sum(map(_is_refusal, rs)) / n for k, rs in replies.items()},
+        "refusals": {k: sum(map(is_refusal, rs)) / n for k, rs in replies.items()},
         "answers_changed": sum(a != b for a, b in zip(replies["template"], replies["combined"])) / n,
         "answers": [{"question": q, "expected": list(a), "template": rt, "combined": rc}
                     for (q, a), rt, rc in zip(questions, replies["template"], replies["combined"])],
