@@ -210,3 +210,31 @@ def test_choose_alpha_allows_one_question_of_noise():
     two = {**BASE, "forget": 0.0, "general": BASE["general"] - 2 / 19}
     assert fr.choose_alpha({0.0: base, 1.0: one})[:2] == (1.0, "ok")
     assert fr.choose_alpha({0.0: base, 1.0: two})[1] == "collapse"
+
+
+@pytest.mark.slow
+def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys):
+    """The user-level command: data, training, export, validation, check, report card; a filter that
+    cannot be checked (the tiny model knows nothing) is a FAIL with exit code 1, never silent."""
+    from cmc_edge.cli import main
+    from cmc_edge.runtime.bundle import load_bundle
+
+    facts = write(tmp_path, [GOLD, {**GOLD, "question": "What is the symbol of gold?", "answer": "Aurum"}, HAMLET])
+    out = tmp_path / "filter"
+    rc = main(["forget", str(facts), "--template", str(tiny_gguf), "--out", str(out), "--steps", "2",
+               "--alpha", "1", "--alpha", "2", "--no-probes"])
+    assert rc == 1
+    printed = capsys.readouterr()
+    assert "verdict: FAIL" in printed.out and "WARNING" in printed.err
+    for name in ("report.txt", "report.json", "answers.json", "report.png", "forget.jsonl", "retain.jsonl"):
+        assert (out / name).is_file(), name
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["alpha"] in (1.0, 2.0) and set(rep["validation"]) == {"0.0", "1.0", "2.0"}
+    bundle = load_bundle(out / "bundle")
+    assert bundle.default_alpha == rep["alpha"] and "validation" in bundle.manifest["default_alpha_reason"]
+    assert bundle.manifest["objective"] == "unlearn-idk"          # so `serve` enforces it by default
+    rows = json.loads((out / "answers.json").read_text())["test"][str(tiny_gguf)]
+    assert {"alone", "filter", "blocklist"} <= set(rows) and all(len(v) == len(rows["alone"]) for v in rows.values())
+    # an existing output is never overwritten by accident
+    with pytest.raises(InputError, match="already exists"):
+        fr.run_forget(facts, out, fr.ForgetConfig(template=str(tiny_gguf), steps=1))
