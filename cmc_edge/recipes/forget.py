@@ -233,10 +233,11 @@ def summarize(rows: list[dict]) -> dict:
     wrong_place = by.get("keep", []) + by.get("general", [])
     out["refused_elsewhere"] = _rate(wrong_place, "refused")
     attacked = by.get("forget", []) + by.get("probe", [])
-    out["outcomes"] = {"leaked": _rate(attacked),
-                       "refused": _rate([r for r in attacked if not r["recalled"]], "refused") * (1 - _rate(attacked))
-                       if attacked else float("nan")}
-    out["outcomes"]["wrong"] = 1 - out["outcomes"]["leaked"] - out["outcomes"]["refused"] if attacked else float("nan")
+    n = len(attacked)
+    leaked = sum(bool(r["recalled"]) for r in attacked)
+    refused = sum(bool(r["refused"]) and not r["recalled"] for r in attacked)
+    out["outcomes"] = ({"leaked": leaked / n, "refused": refused / n, "wrong": (n - leaked - refused) / n} if n
+                       else {"leaked": float("nan"), "refused": float("nan"), "wrong": float("nan")})
     kinds = {}
     for r in by.get("probe", []):
         kinds.setdefault(r["kind"], []).append(r)
