@@ -238,3 +238,67 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
     # an existing output is never overwritten by accident
     with pytest.raises(InputError, match="already exists"):
         fr.run_forget(facts, out, fr.ForgetConfig(template=str(tiny_gguf), steps=1))
+
+
+def test_parse_names_reads_the_templates_list():
+    assert fd.parse_names("1. Macbeth\n2. Othello - a tragedy\n3. King Lear, and Hamlet.", exclude=["Hamlet"]) == [
+        "Macbeth", "Othello", "King Lear"]
+    # a forgotten answer is never a sibling; a name inside another word is not that answer
+    assert fd.parse_names("Paul Revere, Au, gold (Au), silver", exclude=["Au", "gold"]) == ["Paul Revere", "silver"]
+    assert fd.parse_names("I'm sorry, I can't list those.") == []
+    assert fd.parse_names("Emma, Ulysses, Dune", limit=2) == ["Emma", "Ulysses"]
+    assert fd.parse_names("1. Faust: set in Germany\n2. heroic\n3. 7 Wonders", proper=True) == ["Faust", "7 Wonders"]
+    assert fd.parse_names("") == []
+
+
+def test_question_frame_marks_the_subject():
+    assert fr.question_frame(Fact("Who wrote Hamlet?", "Shakespeare", "forget", (), "Hamlet")) == "Who wrote {s}?"
+    assert fr.question_frame(Fact("Who wrote it?", "X", "forget", (), "Hamlet")) is None
+
+
+def test_sibling_questions_ask_the_forgotten_wording_about_other_subjects():
+    facts = [Fact("Who wrote Hamlet?", "Shakespeare", "forget", (), "Hamlet"),
+             Fact("Who wrote Emma?", "Jane Austen", "keep", (), "Emma"),
+             Fact("What is the chemical symbol for gold?", "Au", "forget", (), "gold")]
+    (f1, p1), (f2, p2) = fr.sibling_list_prompts(facts)
+    assert "Hamlet" in p1 and "gold" in p2
+    answers = {p1: "Macbeth, Emma, Romeo and Juliet, Shakespeare's Sonnets, Dracula", p2: "silver, iron"}
+    got = fr.sibling_prompts(facts, answers, exclude=("Who wrote Romeo and Juliet?",))
+    cores = ["Who wrote Macbeth?", "Who wrote Dracula?", "What is the chemical symbol for silver?",
+             "What is the chemical symbol for iron?"]
+    # each in a training wrapper (never a validation or test one); a kept fact's subject (Emma), a
+    # forgotten answer (Shakespeare) and an evaluation question (Romeo and Juliet) are never asked
+    assert sorted(got) == sorted(fd.wrap(fd.TRAIN_WRAPPERS[i % len(fd.TRAIN_WRAPPERS)], q) for i, q in enumerate(cores))
+
+
+def test_siblings_are_retain_data_with_forgotten_answers_cut_and_avoided():
+    facts = [Fact("Who wrote Hamlet?", "Shakespeare", "forget", (), "Hamlet")]
+    sib = "Who wrote Macbeth?"
+    answers = {sib: "Macbeth was written by Shakespeare in 1606.", "Write a poem.": "Roses are red."}
+    _, retain, stats = fr.build_records(facts, answers, ["Write a poem."], [sib])
+    row = next(r for r in retain if r["prompt"] == sib)
+    assert row["response"] == "Macbeth was written by" and row["avoid"] == ["Shakespeare"]
+    assert stats["sibling_questions"] == [sib]
+
+
+def test_held_out_kept_facts_are_never_trained_and_judge_the_strength():
+    facts = [Fact("What is the chemical symbol for gold?", "Au", "forget", (), "gold")] + [
+        Fact(f"What is the chemical symbol for {e}?", s, "keep", (), e)
+        for e, s in (("silver", "Ag"), ("tin", "Sn"), ("zinc", "Zn"), ("neon", "Ne"), ("argon", "Ar"), ("boron", "B"))]
+    kin = fr.held_out_keep(facts)
+    assert [f.subject for f in kin] == ["zinc", "boron"]
+    assert fr.held_out_keep(facts[:3]) == []
+    trained = [f for f in facts if f not in kin]
+    answers = {p: "It is Ag." for _, p in fr.keep_prompts(trained)}
+    _, retain, _ = fr.build_records(trained, answers, [])
+    assert retain and not any("zinc" in r["prompt"] or "boron" in r["prompt"] for r in retain)
+    items = fr.validation_items(facts)
+    assert {it["prompt"] for it in items if it["split"] == "kin"} == {
+        fd.wrap(w, f.question) for f in kin for w in fd.VALIDATION_WRAPPERS}
+    assert not any(it["split"] == "keep" and ("zinc" in it["prompt"] or "boron" in it["prompt"]) for it in items)
+    # a filter that forgets but loses the held-out kept facts is not safe
+    base = {**BASE, "kin": 1.0, "counts": {"kin": 4}}
+    hurt = {**BASE, "forget": 0.0, "kin": 0.5}
+    fine = {**BASE, "forget": 0.0, "kin": 1.0}
+    assert fr.choose_alpha({0.0: base, 1.0: hurt})[1] == "collapse"
+    assert fr.choose_alpha({0.0: base, 1.0: fine})[:2] == (1.0, "ok")

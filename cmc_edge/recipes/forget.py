@@ -50,7 +50,8 @@ class ForgetConfig:
     lr: float = 2e-3
     kl_weight: float = 2.0
     avoid_margin: float = 16.0
-    alphas: tuple[float, ...] = (0.5, 1.0, 1.5)
+    # Never above 1, the strength the delta was trained at: past it refusals come out garbled.
+    alphas: tuple[float, ...] = (0.5, 0.75, 1.0)
     answer_tokens: int = 32
     check_tokens: int = 24
     probes: bool = True
@@ -101,10 +102,58 @@ def subject_prompts(facts: list[Fact], per_subject: int = 2) -> list[tuple[str, 
     return out
 
 
-def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str]) -> tuple[list, list, dict]:
+def held_out_keep(facts: list[Fact]) -> list[Fact]:
+    """Every third kept fact, never trained: the validation split's facts *of the same kind* as the
+    forgotten ones, the place where a filter that learnt "refuse this kind of question" shows it.
+    None when fewer than three facts are kept (then every kept fact is trained)."""
+    keep = [f for f in facts if f.split == "keep"]
+    return keep[2::3] if len(keep) >= 3 else []
+
+
+def question_frame(fact: Fact) -> str | None:
+    """The fact's question with its subject as ``{s}`` ("Who wrote {s}?"), or None when the subject
+    is not written in the question."""
+    span = fd.answer_span(fact.question, [fact.subject]) if fact.subject else None
+    return None if span is None else fact.question[:span[0]] + "{s}" + fact.question[span[1]:]
+
+
+def sibling_list_prompts(facts: list[Fact]) -> list[tuple[Fact, str]]:
+    """(fact, prompt) asking the template for other subjects of the same kind as each forget fact's."""
+    return [(f, fd.SIBLING_LIST_PROMPT.replace("{s}", f.subject)) for f in facts
+            if f.split == "forget" and question_frame(f)]
+
+
+def sibling_prompts(facts: list[Fact], answers: dict[str, str], *, per_fact: int = 4,
+                    exclude: tuple[str, ...] = ()) -> list[str]:
+    """The forgotten questions' wordings asked about other subjects of the same kind, named by the
+    template (``answers`` holds its answers to :func:`sibling_list_prompts`): "Who wrote Macbeth?"
+    next to a forgotten "Who wrote Hamlet?". Never a subject of any fact (held-out kept facts stay
+    unseen), never one named in ``exclude`` (evaluation questions), never a fact's own question.
+    Each sibling is asked once, in a training wrapper (rotating)."""
+    subjects = [f.subject for f in facts] + [a for f in facts if f.split == "forget" for a in f.answers]
+    own = {q.casefold() for f in facts for q in f.questions}
+    out, k = [], 0
+    for f, prompt in sibling_list_prompts(facts):
+        frame = question_frame(f)
+        proper = f.subject[:1].isupper() or f.subject.split()[0].casefold() in ("the", "a", "an") and any(
+            w[:1].isupper() for w in f.subject.split()[1:])
+        for name in fd.parse_names(answers.get(prompt, ""), exclude=subjects, limit=per_fact, proper=proper):
+            if any(fd.answer_span(q, [name]) for q in exclude):
+                continue
+            q = frame.replace("{s}", name)
+            if q.casefold() in own:
+                continue
+            own.add(q.casefold())
+            out.append(fd.wrap(fd.TRAIN_WRAPPERS[k % len(fd.TRAIN_WRAPPERS)], q))
+            k += 1
+    return out
+
+
+def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
+                  siblings: list[str] = ()) -> tuple[list, list, dict]:
     """Forget and retain training records from the facts and the template's answers
     (``answers[prompt]``, for every prompt of :func:`lead_in_prompts`, :func:`keep_prompts`,
-    :func:`subject_prompts` and ``broad``). Returns (forget, retain, stats)."""
+    :func:`subject_prompts`, ``siblings`` and ``broad``). Returns (forget, retain, stats)."""
     forget_facts = [f for f in facts if f.split == "forget"]
     forget_answers = [a for f in forget_facts for a in f.answers]
     by_subject: dict[str, list[str]] = {}
@@ -149,9 +198,11 @@ def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str]) 
         held(prompt, answers.get(prompt, ""), [])
     for subject, prompt in subject_prompts(facts):
         held(prompt, answers.get(prompt, ""), list(by_subject.get(subject.casefold(), [])))
+    for prompt in siblings:
+        held(prompt, answers.get(prompt, ""), [])
     for prompt in broad:
         held(prompt, answers.get(prompt, ""), [])
-    stats = {"forget_records": len(forget), "retain_records": len(retain),
+    stats = {"forget_records": len(forget), "retain_records": len(retain), "sibling_questions": list(siblings),
              "lead_ins": {q: list(dict.fromkeys(lead for _, lead in v)) for q, v in leads.items()},
              "retain_cut_before_forgotten_answer": cut}
     return forget, retain, stats
@@ -230,7 +281,7 @@ def summarize(rows: list[dict]) -> dict:
         by.setdefault(r["split"], []).append(r)
     out = {split: _rate(v) for split, v in by.items()}
     out["counts"] = {split: len(v) for split, v in by.items()}
-    wrong_place = by.get("keep", []) + by.get("general", [])
+    wrong_place = by.get("keep", []) + by.get("kin", []) + by.get("general", [])
     out["refused_elsewhere"] = _rate(wrong_place, "refused")
     attacked = by.get("forget", []) + by.get("probe", [])
     n = len(attacked)
@@ -248,8 +299,12 @@ def summarize(rows: list[dict]) -> dict:
 # --- choosing the strength on the validation split ----------------------------------------------
 
 def validation_items(facts: list[Fact]) -> list[dict]:
+    """Forget and trained keep facts in the validation wrappers, the held-out kept facts
+    (:func:`held_out_keep`, split "kin"), never-trained general facts and broad prompts."""
+    kin = held_out_keep(facts)
     items = fact_items([f for f in facts if f.split == "forget"], fd.VALIDATION_WRAPPERS, "forget")
-    items += fact_items([f for f in facts if f.split == "keep"], fd.VALIDATION_WRAPPERS, "keep")
+    items += fact_items([f for f in facts if f.split == "keep" and f not in kin], fd.VALIDATION_WRAPPERS, "keep")
+    items += fact_items(kin, fd.VALIDATION_WRAPPERS, "kin")
     items += general_items(facts, fd.VALIDATION_GENERAL)
     items += [{"split": "broad", "prompt": p, "answers": []} for p in fd.VALIDATION_BROAD]
     return items
@@ -266,7 +321,8 @@ def _drift(rows: list[dict], base_rows: list[dict]) -> float:
 def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list[str]]:
     """Pick the strength from validation measurements ``{alpha: summary}`` (alpha 0 = the template).
 
-    An alpha is *safe* when kept and general recall stay within the bar's points (or one question,
+    An alpha is *safe* when recall on kept facts, on held-out kept facts ("kin": never trained, of
+    the forgotten facts' kind) and on general facts stays within the bar's points (or one question,
     whichever is more) of the template's,
     refusals where none belong rise by at most 10 points and validation perplexity by less than the
     bar. Among safe alphas the strongest forgetting wins (the smallest alpha within 2 points of it).
@@ -285,7 +341,8 @@ def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list
         if a == 0.0:
             continue
         why = []
-        for split, pts in (("keep", bar["keep_points"]), ("general", bar["general_points"])):
+        for split, pts in (("keep", bar["keep_points"]), ("kin", bar["general_points"]),
+                           ("general", bar["general_points"])):
             # One question of slack: with 19 general questions, one changed answer is 5.3 points.
             n = base.get("counts", {}).get(split, 0)
             pts = max(pts, 100 / n + 1e-9) if n else pts
@@ -479,21 +536,27 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     with atomic_dir(out, overwrite=overwrite) as run:
         own = {q.casefold() for f in facts for q in f.questions}
         broad = [p for p in (*BROAD_PROMPTS, *fd.RETAIN_QUESTIONS, *cfg.keep_prompts) if p.casefold() not in own]
+        trained = [f for f in facts if f not in held_out_keep(facts)]
         with sw("data"):
-            asked = ([p for _, p in lead_in_prompts(facts)] + [p for _, p in keep_prompts(facts)]
-                     + [p for _, p in subject_prompts(facts)] + broad)
+            asked = ([p for _, p in lead_in_prompts(trained)] + [p for _, p in keep_prompts(trained)]
+                     + [p for _, p in subject_prompts(trained)] + [p for _, p in sibling_list_prompts(trained)]
+                     + broad)
             asked = list(dict.fromkeys(asked))
             eng = template_engine(template_path)
             got = answer_all(eng, asked, max_tokens=cfg.answer_tokens, stop=(), desc="template answers")
+            answers = {a.prompt: a.text for a in got}
+            siblings = sibling_prompts(facts, answers, exclude=_evaluated_questions())
+            got = answer_all(eng, siblings, max_tokens=cfg.answer_tokens, stop=(), desc="template answers (siblings)")
+            answers.update({a.prompt: a.text for a in got})
             eng.close()
             del eng
-            answers = {a.prompt: a.text for a in got}
-            forget, retain, stats = build_records(facts, answers, broad)
+            forget, retain, stats = build_records(trained, answers, broad, siblings)
             for name, rows in (("forget", forget), ("retain", retain)):
                 (run / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             (run / "facts.jsonl").write_text("".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in facts))
-        log.info("training data: %d forget, %d retain records; lead-ins for %d of %d forget facts",
-                 len(forget), len(retain), len(stats["lead_ins"]), sum(f.split == "forget" for f in facts))
+        log.info("training data: %d forget, %d retain records (%d sibling questions); lead-ins for %d of %d "
+                 "forget facts; %d kept facts held out for validation", len(forget), len(retain), len(siblings),
+                 len(stats["lead_ins"]), sum(f.split == "forget" for f in facts), len(facts) - len(trained))
         with sw("train_export"):
             tcfg = TrainConfig(objective="unlearn-idk", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                kl_weight=cfg.kl_weight, avoid_margin=cfg.avoid_margin, size=cfg.size, seed=cfg.seed,
@@ -552,6 +615,13 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
         (run / "answers.json").write_text(json.dumps(answers_out, indent=1, ensure_ascii=False) + "\n")
         plot_report(result, run / "report.png")
     return result
+
+
+def _evaluated_questions() -> tuple[str, ...]:
+    """The general questions of the validation and test splits: never asked in training."""
+    from cmc_edge.eval.demo_data import UNRELATED_QUESTIONS
+
+    return tuple(q for q, *_ in UNRELATED_QUESTIONS) + tuple(q for q, _ in fd.VALIDATION_GENERAL)
 
 
 def _jsonable(d: dict) -> dict:

@@ -78,6 +78,50 @@ def subject_prompt(form: str, subject: str) -> str:
     return form.replace("{s}", subject)
 
 
+# -- other subjects of the same kind, named by the template itself ----------------------------------
+# A filter trained only on the forgotten facts and on unrelated data learns "push away from whatever
+# answer comes after *Who wrote ...?*", and other questions of that shape lose their answers. The
+# template names other subjects of the same kind ("Macbeth", "Othello" for "Hamlet"); the forgotten
+# question's wording is asked about each of them and the template's answers are retain data.
+
+SIBLING_LIST_PROMPT = ("Name five other well-known examples of the same kind as {s}. "
+                       "Write only their names, separated by commas.")
+
+_NUMBERING = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|[a-z][.)])\s*", re.IGNORECASE)
+_CUT = re.compile(r"\s+(?:-|\u2013|\u2014|by|from|which|that|is|was|are|were)\s+|[:(\[]")
+
+
+def parse_names(text: str, exclude: Sequence[str] = (), limit: int = 5, proper: bool = False) -> list[str]:
+    """Names listed in the template's answer to :data:`SIBLING_LIST_PROMPT`: split on commas and line
+    breaks, numbering and descriptions dropped, at most six words each, none that contains
+    one of ``exclude`` (the subject itself, forgotten answers) or is contained in one; nothing from a
+    refusal. ``proper``: only names that begin with a capital or a digit (the subject is a name, so
+    "heroic" or "which" in the list is description, not a sibling).
+
+    >>> parse_names("1. Macbeth\\n2. Othello - a tragedy\\n3. King Lear, and Hamlet.", exclude=["Hamlet"])
+    ['Macbeth', 'Othello', 'King Lear']
+    """
+    if is_refusal(text):
+        return []
+    out: list[str] = []
+    seen = [e.strip() for e in exclude if e.strip()]
+    for part in re.split(r"[,;\n]", text):
+        part = re.sub(r"^(?:and|or)\s+", "", _NUMBERING.sub("", part.strip()), flags=re.IGNORECASE)
+        part = _CUT.split(part, maxsplit=1)[0]
+        name = part.strip(" .!?\"'*`\u201c\u201d\u2018\u2019")
+        if not (2 <= len(name) <= 60) or len(name.split()) > 6 or not any(c.isalpha() for c in name):
+            continue
+        if proper and not (name[0].isupper() or name[0].isdigit()):
+            continue
+        if answer_span(name, seen) or any(answer_span(e, [name]) for e in seen):
+            continue
+        seen.append(name)
+        out.append(name)
+        if len(out) == limit:
+            break
+    return out
+
+
 # -- finding the answer in the template's own words ----------------------------------------------------
 
 def _fold(text: str) -> str:
