@@ -230,6 +230,8 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
         assert (out / name).is_file(), name
     rep = json.loads((out / "report.json").read_text())
     assert rep["alpha"] in (1.0, 2.0) and set(rep["validation"]) == {"0.0", "1.0", "2.0"}
+    # one kept fact: nothing of the forgotten kind is held out to judge the strength, and the user is told
+    assert any("1 kept facts" in w for w in rep["warnings"]) and "1 kept facts" in printed.err
     bundle = load_bundle(out / "bundle")
     assert bundle.default_alpha == rep["alpha"] and "validation" in bundle.manifest["default_alpha_reason"]
     assert bundle.manifest["objective"] == "unlearn-idk"          # so `serve` enforces it by default

@@ -532,6 +532,12 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     check = list(dict.fromkeys([cfg.template, *cfg.check_models]))
     for name in check:
         resolve_model(name)            # fail before the long part
+    few_kept = None
+    if not held_out_keep(facts):
+        few_kept = (f"{facts_path} has {sum(f.split == 'keep' for f in facts)} kept facts: with fewer than 3 the "
+                    "strength is chosen without never-trained facts of the forgotten kind, so damage to other "
+                    "questions of that kind goes unseen until the test check; add kept facts of the same kind")
+        log.warning(few_kept)
     sw = Stopwatch()
     with atomic_dir(out, overwrite=overwrite) as run:
         own = {q.casefold() for f in facts for q in f.questions}
@@ -595,6 +601,8 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                 models.append(res)
         passed = all(c["pass"] for m in models for c in m["bar"].values())
         warnings = []
+        if few_kept:
+            warnings.append(few_kept)
         if status == "collapse":
             warnings.append("no strength was safe on the validation split (" + "; ".join(reasons) + "): this filter "
                             "damages unrelated answers; do not ship it")
