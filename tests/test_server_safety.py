@@ -98,6 +98,28 @@ def test_optional_delta_switches_by_name_and_the_filter_may_be_raised(url, engin
         assert r.json()["choices"][0]["message"]["content"] == want
 
 
+def test_an_optional_copy_of_the_filter_cannot_cancel_it(tiny_gguf, bundles):
+    """The same bundle loaded twice, once enforced and once optional: the copy at -alpha would
+    cancel the filter exactly, so an optional delta cannot be inverted while a filter is enforced."""
+    from cmc_edge.runtime.policy import build_policies
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    eng = Engine(target, [Delta(bundles[0], target, alpha=4.0), Delta(bundles[0], target, alpha=4.0, name="copy")])
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3)
+    unfiltered = eng.generate("The capital of", params, alphas=[0.0, 0.0]).read()
+    assert eng.generate("The capital of", params, alphas=[4.0, 0.0]).read() != unfiltered
+    assert eng.generate("The capital of", params, alphas=[4.0, -4.0]).read() == unfiltered     # the threat
+    settings = ServerSettings(model_name="tiny", policies=build_policies(eng.deltas, optional=["copy"]))
+    with LiveServer(create_app(eng, settings)) as live:
+        body = {"prompt": "The capital of", "max_tokens": 12, "temperature": 1.0, "seed": 3}
+        for cmc, stream in (({"deltas": {"copy": -4.0}}, False), ({"deltas": {"copy": -1.0}}, True),
+                            ({"alphas": [4.0, -4.0]}, False)):
+            err = assert_json_error(post(live.url, "/completions", {**body, "cmc": cmc, "stream": stream}), 403,
+                                    "permission_error")
+            assert "'copy' cannot be inverted" in err["message"] and "'filter'" in err["message"]
+        assert post(live.url, "/completions", {**body, "cmc": {"deltas": {"copy": 0}}}).status_code == 200
+
+
 # -- injection --------------------------------------------------------------------------------------
 def test_turn_markers_in_a_message_reach_the_model_as_text(url, engine):
     from test_injection import escaped_delta_ids, escaped_target_ids
