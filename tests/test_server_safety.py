@@ -17,6 +17,7 @@ requests = pytest.importorskip("requests")
 
 from test_server import LiveServer  # noqa: E402
 
+from cmc_edge.errors import InputError  # noqa: E402
 from cmc_edge.runtime.engine import Delta, Engine, SamplingParams  # noqa: E402
 from cmc_edge.runtime.server import ServerLimits, ServerSettings, create_app  # noqa: E402
 from cmc_edge.runtime.target import TargetLLM  # noqa: E402
@@ -118,6 +119,46 @@ def test_an_optional_copy_of_the_filter_cannot_cancel_it(tiny_gguf, bundles):
                                     "permission_error")
             assert "'copy' cannot be inverted" in err["message"] and "'filter'" in err["message"]
         assert post(live.url, "/completions", {**body, "cmc": {"deltas": {"copy": 0}}}).status_code == 200
+
+
+def test_a_prompt_longer_than_the_filters_window_is_a_400(url, engine):
+    """The filter reads 128 tokens; a prompt past that (within the server's own limit) would leave
+    its start, the question, out of the filter's sight."""
+    msgs = [{"role": "user", "content": "The capital of France " * 15}]
+    tgt, dps = engine.chat_prompts(msgs)
+    enc = engine.encode(tgt, dps)
+    assert len(enc.target) <= 200 and len(enc.deltas[0]) > engine.deltas[0].session.max_positions
+    for stream in (False, True):
+        r = post(url, "/chat/completions", {"messages": msgs, "max_tokens": 4, "stream": stream})
+        err = assert_json_error(r, 400, "invalid_request_error")
+        assert "'filter'" in err["message"] and "shorten the prompt" in err["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generation_ends_before_the_filters_window_would_slide(url, engine, stream):
+    """A prompt that fits the filter's window, and a reply that would outgrow it: the reply ends
+    ("length") where the filter would have to drop the start of the conversation."""
+    msgs = [{"role": "user", "content": "The capital of France " * 8}]
+    tgt, dps = engine.chat_prompts(msgs)
+    enc = engine.encode(tgt, dps)
+    params = engine.chat_params(SamplingParams(max_tokens=64, temperature=0.0))
+    sliding = engine.generate(enc, params)
+    sliding_text = sliding.read()
+    whole = engine.generate(enc, params, whole=[True, False])
+    whole_text = whole.read()
+    assert whole.finish_reason == "length" and len(whole.tokens) < min(len(sliding.tokens), 64)
+    assert sliding_text.startswith(whole_text)               # the same tokens until the window is full
+    with pytest.raises(InputError, match="whole-view flags"):  # a flag per delta, none left out
+        engine.generate(enc, params, whole=[True])
+    r = post(url, "/chat/completions", {"messages": msgs, "max_tokens": 64, "temperature": 0, "stream": stream})
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+        finish = events[-1]["choices"][0]["finish_reason"]
+    else:
+        text, finish = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    assert (text, finish) == (whole_text, "length")
 
 
 # -- injection --------------------------------------------------------------------------------------
