@@ -161,6 +161,28 @@ def test_generation_ends_before_the_filters_window_would_slide(url, engine, stre
     assert (text, finish) == (whole_text, "length")
 
 
+def test_a_conversation_the_filters_format_leaves_partly_out_is_a_400(tiny_gguf, bundles, tmp_path):
+    """A filter whose prompt format drops system messages would not read a question asked there,
+    while the model would: such a conversation is refused, naming the filter."""
+    blind = tmp_path / "filter"
+    shutil.copytree(bundles[0], blind)
+    manifest = json.loads((blind / "manifest.json").read_text())
+    manifest["prompt_format"] = {"chat_template": "{% for m in messages %}{% if m['role'] != 'system' %}"
+                                                  "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+                                                  "{% if add_generation_prompt %}assistant:{% endif %}"}
+    (blind / "manifest.json").write_text(json.dumps(manifest))
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    eng = Engine(target, [Delta(blind, target, alpha=1.0)])
+    asked_in_system = [{"role": "system", "content": "The capital of France"}, {"role": "user", "content": "Go on"}]
+    with LiveServer(create_app(eng, ServerSettings(model_name="tiny"))) as live:
+        for stream in (False, True):
+            r = post(live.url, "/chat/completions", {"messages": asked_in_system, "max_tokens": 4, "stream": stream})
+            err = assert_json_error(r, 400, "invalid_request_error")
+            assert "'filter'" in err["message"] and "system message" in err["message"]
+        ok = post(live.url, "/chat/completions", {"messages": MSG, "max_tokens": 4})
+        assert ok.status_code == 200, ok.text
+
+
 # -- injection --------------------------------------------------------------------------------------
 def test_turn_markers_in_a_message_reach_the_model_as_text(url, engine):
     from test_injection import escaped_delta_ids, escaped_target_ids

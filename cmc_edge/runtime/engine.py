@@ -285,7 +285,13 @@ class Engine:
                 raise InputError(f"bad chat message {str(m)[:80]!r}",
                                  fix='messages are {"role": "system"|"user"|"assistant", "content": str}')
         tgt = render_prompt_parts(self.target.prompt_format(chat_template), messages)
-        return tgt, [render_prompt_parts(d.prompt_format, messages) for d in self.deltas]
+        dps = []
+        for d in self.deltas:
+            try:
+                dps.append(render_prompt_parts(d.prompt_format, messages, keep_all=True))
+            except InputError as exc:
+                raise InputError(f"delta {d.name!r}: {exc.problem}", fix=exc.fix) from None
+        return tgt, dps
 
     def chat_params(self, params: SamplingParams, chat_template: str | None = None) -> SamplingParams:
         """``params`` plus the stop strings the target's chat layout needs (the base-model Q/A layout's)."""
