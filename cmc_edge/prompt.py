@@ -156,20 +156,23 @@ def prompt_fragments(prompt: str, specials: dict[str, int]) -> list[str | int]:
 _HOLE = "\ue000{}:{}\ue001"    # private-use characters around a nonce: a stand-in no real content contains
 
 
-def render_prompt_parts(fmt: PromptFormat, messages: list[dict], system: str | None = None) -> Prompt:
+def render_prompt_parts(fmt: PromptFormat, messages: list[dict], system: str | None = None, *,
+                        keep_all: bool = False) -> Prompt:
     """:func:`render_prompt`, keeping message contents apart from the template's own text.
 
     The template is rendered once with the real contents and once with a stand-in for each
     content (its leading and trailing whitespace kept, so a template's ``| trim`` acts alike);
     the stand-ins mark where the contents go. If the two renderings do not line up (a template
-    that rewrites contents), the conversation is refused rather than tokenized unsafely.
+    that rewrites contents), the conversation is refused rather than tokenized unsafely. With
+    ``keep_all``, so is a conversation whose template leaves a message's content out (a delta
+    must read everything the target reads).
     """
     import re
     import secrets
 
     full = render_prompt(fmt, messages, system)
     nonce = secrets.token_hex(6)
-    cores, holed = [], []
+    cores, roles, holed = [], [], []
     for i, m in enumerate(messages):
         c = m["content"]
         core = c.strip()
@@ -179,9 +182,14 @@ def render_prompt_parts(fmt: PromptFormat, messages: list[dict], system: str | N
         lead = c[: len(c) - len(c.lstrip())]
         holed.append({**m, "content": lead + _HOLE.format(nonce, len(cores)) + c[len(lead) + len(core):]})
         cores.append(core)
+        roles.append(m["role"])
     if not cores:
         return Prompt([(full, True)])
     pieces = re.split("\ue000" + nonce + r":(\d+)\ue001", render_prompt(fmt, holed, system))
+    left = sorted(set(range(len(cores))) - {int(p) for p in pieces[1::2]})
+    if keep_all and left:
+        raise InputError(f"its prompt format leaves out the content of a {roles[left[0]]} message: the model would "
+                         "read it and the delta would not", fix="put that text in a message the format keeps")
     parts = [(p, True) if k % 2 == 0 else (cores[int(p)], False) for k, p in enumerate(pieces)]
     prompt = Prompt(parts)
     if str(prompt) != full:

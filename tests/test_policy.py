@@ -17,7 +17,6 @@ BOTH = (FILTER, JSON)
 @pytest.mark.parametrize("request_kw, alphas", [
     ({}, [1.5, 1.0]),                                           # nothing asked: the operator's alphas
     ({"by_name": {"json": 0.0}}, [1.5, 0.0]),                   # an optional delta switched off by name
-    ({"by_name": {"json": -2.0}}, [1.5, -2.0]),                 # ... or inverted
     ({"by_name": {"filter": 1.0}}, [1.0, 1.0]),                 # the filter down to its floor, not below
     ({"by_name": {"filter": 3.0, "json": 0.5}}, [3.0, 0.5]),    # raising the filter is fine
     ({"alphas": [2.0, 0.0]}, [2.0, 0.0]),                       # the positional form
@@ -34,11 +33,22 @@ def test_allowed_requests(request_kw, alphas):
     ({"alphas": [0.0, 1.0]}, "switch it off"),                  # the old forms obey the same policy
     ({"alpha": 0.0}, "switch it off"),
     ({"alpha": -1.0}, "invert it"),
+    ({"by_name": {"json": -2.0}}, "'json' cannot be inverted"),  # an inverted copy of the filter would cancel it
+    ({"alphas": [1.5, -0.5]}, "'json' cannot be inverted"),
 ])
 def test_enforced_filter_cannot_be_lowered(request_kw, why):
     with pytest.raises(PolicyError, match=why) as e:
         resolve_alphas(BOTH, **request_kw)
-    assert "'filter'" in str(e.value) and "enforced" in str(e.value)
+    assert "'filter'" in str(e.value) and "enforce" in str(e.value)
+
+
+def test_an_optional_delta_may_be_inverted_only_where_nothing_is_enforced():
+    assert resolve_alphas((JSON,), by_name={"json": -2.0}) == [-2.0]
+    assert resolve_alphas(BOTH, by_name={"json": -0.0}) == [1.5, 0.0]        # -0: switched off, not inverted
+    anti = DeltaPolicy("anti", alpha=-1.0, mode="optional")                  # the operator's sign is what counts
+    assert resolve_alphas((FILTER, anti), by_name={"anti": -3.0}) == [1.5, -3.0]
+    with pytest.raises(PolicyError, match="'anti' cannot be inverted"):
+        resolve_alphas((FILTER, anti), by_name={"anti": 1.0})
 
 
 @pytest.mark.parametrize("request_kw, problem", [

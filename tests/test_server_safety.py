@@ -17,6 +17,7 @@ requests = pytest.importorskip("requests")
 
 from test_server import LiveServer  # noqa: E402
 
+from cmc_edge.errors import InputError  # noqa: E402
 from cmc_edge.runtime.engine import Delta, Engine, SamplingParams  # noqa: E402
 from cmc_edge.runtime.server import ServerLimits, ServerSettings, create_app  # noqa: E402
 from cmc_edge.runtime.target import TargetLLM  # noqa: E402
@@ -96,6 +97,90 @@ def test_optional_delta_switches_by_name_and_the_filter_may_be_raised(url, engin
         tgt, dps = engine.chat_prompts(MSG)
         want = engine.generate(tgt, params, delta_prompts=dps, alphas=alphas).read()
         assert r.json()["choices"][0]["message"]["content"] == want
+
+
+def test_an_optional_copy_of_the_filter_cannot_cancel_it(tiny_gguf, bundles):
+    """The same bundle loaded twice, once enforced and once optional: the copy at -alpha would
+    cancel the filter exactly, so an optional delta cannot be inverted while a filter is enforced."""
+    from cmc_edge.runtime.policy import build_policies
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    eng = Engine(target, [Delta(bundles[0], target, alpha=4.0), Delta(bundles[0], target, alpha=4.0, name="copy")])
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3)
+    unfiltered = eng.generate("The capital of", params, alphas=[0.0, 0.0]).read()
+    assert eng.generate("The capital of", params, alphas=[4.0, 0.0]).read() != unfiltered
+    assert eng.generate("The capital of", params, alphas=[4.0, -4.0]).read() == unfiltered     # the threat
+    settings = ServerSettings(model_name="tiny", policies=build_policies(eng.deltas, optional=["copy"]))
+    with LiveServer(create_app(eng, settings)) as live:
+        body = {"prompt": "The capital of", "max_tokens": 12, "temperature": 1.0, "seed": 3}
+        for cmc, stream in (({"deltas": {"copy": -4.0}}, False), ({"deltas": {"copy": -1.0}}, True),
+                            ({"alphas": [4.0, -4.0]}, False)):
+            err = assert_json_error(post(live.url, "/completions", {**body, "cmc": cmc, "stream": stream}), 403,
+                                    "permission_error")
+            assert "'copy' cannot be inverted" in err["message"] and "'filter'" in err["message"]
+        assert post(live.url, "/completions", {**body, "cmc": {"deltas": {"copy": 0}}}).status_code == 200
+
+
+def test_a_prompt_longer_than_the_filters_window_is_a_400(url, engine):
+    """The filter reads 128 tokens; a prompt past that (within the server's own limit) would leave
+    its start, the question, out of the filter's sight."""
+    msgs = [{"role": "user", "content": "The capital of France " * 15}]
+    tgt, dps = engine.chat_prompts(msgs)
+    enc = engine.encode(tgt, dps)
+    assert len(enc.target) <= 200 and len(enc.deltas[0]) > engine.deltas[0].session.max_positions
+    for stream in (False, True):
+        r = post(url, "/chat/completions", {"messages": msgs, "max_tokens": 4, "stream": stream})
+        err = assert_json_error(r, 400, "invalid_request_error")
+        assert "'filter'" in err["message"] and "shorten the prompt" in err["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generation_ends_before_the_filters_window_would_slide(url, engine, stream):
+    """A prompt that fits the filter's window, and a reply that would outgrow it: the reply ends
+    ("length") where the filter would have to drop the start of the conversation."""
+    msgs = [{"role": "user", "content": "The capital of France " * 8}]
+    tgt, dps = engine.chat_prompts(msgs)
+    enc = engine.encode(tgt, dps)
+    params = engine.chat_params(SamplingParams(max_tokens=64, temperature=0.0))
+    sliding = engine.generate(enc, params)
+    sliding_text = sliding.read()
+    whole = engine.generate(enc, params, whole=[True, False])
+    whole_text = whole.read()
+    assert whole.finish_reason == "length" and len(whole.tokens) < min(len(sliding.tokens), 64)
+    assert sliding_text.startswith(whole_text)               # the same tokens until the window is full
+    with pytest.raises(InputError, match="whole-view flags"):  # a flag per delta, none left out
+        engine.generate(enc, params, whole=[True])
+    r = post(url, "/chat/completions", {"messages": msgs, "max_tokens": 64, "temperature": 0, "stream": stream})
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+        finish = events[-1]["choices"][0]["finish_reason"]
+    else:
+        text, finish = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    assert (text, finish) == (whole_text, "length")
+
+
+def test_a_conversation_the_filters_format_leaves_partly_out_is_a_400(tiny_gguf, bundles, tmp_path):
+    """A filter whose prompt format drops system messages would not read a question asked there,
+    while the model would: such a conversation is refused, naming the filter."""
+    blind = tmp_path / "filter"
+    shutil.copytree(bundles[0], blind)
+    manifest = json.loads((blind / "manifest.json").read_text())
+    manifest["prompt_format"] = {"chat_template": "{% for m in messages %}{% if m['role'] != 'system' %}"
+                                                  "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+                                                  "{% if add_generation_prompt %}assistant:{% endif %}"}
+    (blind / "manifest.json").write_text(json.dumps(manifest))
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    eng = Engine(target, [Delta(blind, target, alpha=1.0)])
+    asked_in_system = [{"role": "system", "content": "The capital of France"}, {"role": "user", "content": "Go on"}]
+    with LiveServer(create_app(eng, ServerSettings(model_name="tiny"))) as live:
+        for stream in (False, True):
+            r = post(live.url, "/chat/completions", {"messages": asked_in_system, "max_tokens": 4, "stream": stream})
+            err = assert_json_error(r, 400, "invalid_request_error")
+            assert "'filter'" in err["message"] and "system message" in err["message"]
+        ok = post(live.url, "/chat/completions", {"messages": MSG, "max_tokens": 4})
+        assert ok.status_code == 200, ok.text
 
 
 # -- injection --------------------------------------------------------------------------------------

@@ -285,7 +285,13 @@ class Engine:
                 raise InputError(f"bad chat message {str(m)[:80]!r}",
                                  fix='messages are {"role": "system"|"user"|"assistant", "content": str}')
         tgt = render_prompt_parts(self.target.prompt_format(chat_template), messages)
-        return tgt, [render_prompt_parts(d.prompt_format, messages) for d in self.deltas]
+        dps = []
+        for d in self.deltas:
+            try:
+                dps.append(render_prompt_parts(d.prompt_format, messages, keep_all=True))
+            except InputError as exc:
+                raise InputError(f"delta {d.name!r}: {exc.problem}", fix=exc.fix) from None
+        return tgt, dps
 
     def chat_params(self, params: SamplingParams, chat_template: str | None = None) -> SamplingParams:
         """``params`` plus the stop strings the target's chat layout needs (the base-model Q/A layout's)."""
@@ -323,27 +329,44 @@ class Engine:
     # -- decoding ----------------------------------------------------------------------------
     def generate(self, prompt: str | EncodedPrompt, params: SamplingParams = SamplingParams(), *,
                  delta_prompts: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
-                 deadline: float | None = None, cancel: threading.Event | None = None) -> Generation:
+                 deadline: float | None = None, cancel: threading.Event | None = None,
+                 whole: Sequence[bool] | None = None) -> Generation:
         """Complete ``prompt`` (target format; see :meth:`encode`). Each delta reads
         ``delta_prompts[i]`` (default: the same text) followed by the generated text. ``alphas``
         overrides the deltas' alphas. Past ``deadline`` (a ``time.monotonic()`` value) generation
         stops with :class:`GenerationTimeout`; once ``cancel`` is set it stops before the next token
         (finish reason "cancelled"). Errors are typed: :class:`TargetFault` (llama.cpp),
-        :class:`DeltaFault` (a delta); either way no token sampled after the failure is emitted."""
+        :class:`DeltaFault` (a delta); either way no token sampled after the failure is emitted.
+
+        ``whole[i]``: delta i must read the whole conversation (an enforced filter): its window
+        never slides past the start of the prompt. A prompt longer than its window is an
+        :class:`InputError`, and generation ends (finish reason "length") before a token would be
+        sampled with the start out of its sight."""
         if alphas is not None and len(alphas) != len(self.deltas):
             raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
+        if whole is not None and len(whole) != len(self.deltas):
+            raise InputError(f"{len(whole)} whole-view flags given for {len(self.deltas)} deltas",
+                             fix="give one flag per delta")
         alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
         enc = prompt if isinstance(prompt, EncodedPrompt) else self.encode(prompt, delta_prompts)
         gen = Generation(prompt_tokens=len(enc.target))
-        gen._it = self._run(enc, params, alphas, gen, deadline, cancel)
+        gen._it = self._run(enc, params, alphas, gen, deadline, cancel, whole or [False] * len(self.deltas))
         return gen
 
-    def _run(self, enc: EncodedPrompt, params, alphas, gen: Generation, deadline=None, cancel=None) -> Iterator[str]:
+    def _run(self, enc: EncodedPrompt, params, alphas, gen: Generation, deadline=None, cancel=None,
+             whole=()) -> Iterator[str]:
         import llama_cpp
 
         llm = self.target.llm
         t0 = time.perf_counter()
+        for d, a, ids, w in zip(self.deltas, alphas, enc.deltas, whole):
+            if w and a != 0.0 and len(ids) > d.session.max_positions:
+                raise InputError(f"the prompt is {len(ids)} tokens long for delta {d.name!r}, which must read all "
+                                 f"of it but reads at most {d.session.max_positions}",
+                                 fix="shorten the prompt (the delta's own tokens count, not the model's)")
         active, trackers = self._start(enc.deltas, alphas)
+        whole_active = [w for w, a in zip(whole, alphas) if a != 0.0]                # parallel to active
+        pinned = [tr for tr, w in zip(trackers, whole_active) if w]
         sampler = None
         fut = None
         n_vocab = self.target.n_vocab
@@ -372,8 +395,8 @@ class Engine:
                     raise GenerationTimeout(f"generation ran past its time limit after {len(gen.tokens)} tokens",
                                             fix="ask for fewer tokens, or allow more time "
                                                 "(`cmc-edge serve --request-timeout`)")
-                if llm.n_tokens >= self.target.n_ctx:
-                    gen.finish_reason = "length"
+                if llm.n_tokens >= self.target.n_ctx or any(tr.window_shifts for tr in pinned):
+                    gen.finish_reason = "length"        # the context is full, or a filter's window is
                     break
                 token = None
                 if bias_ids.size:          # the blocklist first: a banned token stays banned whatever the shift

@@ -3,8 +3,11 @@
 An *enforced* delta (an unlearning filter) always runs: a request may raise its alpha but cannot
 switch it off, lower it below the operator's floor, or flip its sign (:class:`PolicyError`, HTTP
 403). An *optional* delta (a format or style delta) may be set per request to any alpha, 0
-switching it off. Bundles trained with an ``unlearn-*`` objective are enforced unless the operator
-says otherwise; everything else is optional.
+switching it off, except that while an enforced delta is loaded it cannot be inverted (given the
+opposite sign of the operator's alpha): an inverted delta pushes against the filter, and the same
+bundle loaded twice, once enforced and once optional at -alpha, would cancel it exactly. Bundles
+trained with an ``unlearn-*`` objective are enforced unless the operator says otherwise; everything
+else is optional.
 
 >>> p = DeltaPolicy("filter", alpha=1.0, mode="enforced")
 >>> p.check(2.0)
@@ -54,8 +57,9 @@ class DeltaPolicy:
             raise InputError(f"delta {self.name!r} is optional, so it has no alpha floor",
                              fix=f"use --enforce {self.name}={self.min_alpha:g}")
 
-    def check(self, alpha: float) -> float:
-        """``alpha`` if a request may run this delta at it; else :class:`PolicyError` / :class:`InputError`."""
+    def check(self, alpha: float, *, enforced: Sequence[str] = ()) -> float:
+        """``alpha`` if a request may run this delta at it; else :class:`PolicyError` / :class:`InputError`.
+        ``enforced``: the names of the enforced deltas loaded beside this one."""
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)) or abs(alpha) > MAX_ABS_ALPHA:
             raise InputError(f"alpha for delta {self.name!r} must be a finite number in "
                              f"[-{MAX_ABS_ALPHA:g}, {MAX_ABS_ALPHA:g}], got {alpha!r}", fix="e.g. 1.0")
@@ -73,6 +77,10 @@ class DeltaPolicy:
                 return alpha
             raise PolicyError(f"delta {self.name!r} is enforced by the server's operator: alpha {alpha:g} {why} "
                               f"(allowed: {allowed})", fix=f"leave the alpha of {self.name!r} out of the request")
+        if enforced and alpha != 0.0 and math.copysign(1.0, alpha) != math.copysign(1.0, self.alpha or 1.0):
+            raise PolicyError(f"delta {self.name!r} cannot be inverted (alpha {alpha:g}) while the server enforces "
+                              f"{enforced[0]!r}: an inverted delta pushes against the filter, and could cancel it",
+                              fix=f"give {self.name!r} an alpha of the operator's sign, or 0 to switch it off")
         return alpha
 
     def describe(self) -> dict:
@@ -150,4 +158,5 @@ def resolve_alphas(policies: Sequence[DeltaPolicy], *, alpha: float | None = Non
                 raise InputError(f"no delta named {name[:60]!r} is loaded (loaded: {', '.join(index) or 'none'})",
                                  fix="see GET /v1/models for the loaded deltas")
             wanted[index[name]], explicit[index[name]] = a, True
-    return [p.check(a) if e else p.alpha for p, a, e in zip(policies, wanted, explicit)]
+    enforced = [p.name for p in policies if p.mode == "enforced"]
+    return [p.check(a, enforced=enforced) if e else p.alpha for p, a, e in zip(policies, wanted, explicit)]

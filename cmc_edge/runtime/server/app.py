@@ -182,6 +182,8 @@ class ServerState:
             raise InputError("the server's delta policies do not match the engine's deltas",
                              fix="build them with cmc_edge.runtime.policy.build_policies(engine.deltas)")
         self.runner = EngineRunner(engine, max_queue=self.limits.max_queue)
+        # an enforced filter reads the whole conversation: a generation ends before its window would slide
+        self.whole = [p.mode == "enforced" for p in self.policies]
 
     def sampling(self, req, chat: bool) -> SamplingParams:
         """The request's sampling, within the server's limits (llama-cpp-python's defaults without top_p)."""
@@ -250,7 +252,7 @@ async def complete(st: ServerState, req, request: Request, chat: bool):
     try:
         params, alphas = st.sampling(req, chat), st.alphas(req)
         enc = await run_in_threadpool(st.encode, req, chat)
-        job = await st.runner.submit(enc, params, alphas=alphas, deadline=deadline)
+        job = await st.runner.submit(enc, params, alphas=alphas, deadline=deadline, whole=st.whole)
     except CmcError as exc:
         return error_response(exc)
     head = {"id": rid, "created": created, "model": st.settings.model_name}

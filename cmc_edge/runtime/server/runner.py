@@ -67,9 +67,9 @@ class EngineRunner:
     def waiting(self) -> int:
         return self._waiting
 
-    async def submit(self, prompt, params, *, alphas, deadline: float) -> Job:
+    async def submit(self, prompt, params, *, alphas, deadline: float, whole=None) -> Job:
         """Wait (at most until ``deadline``, a ``time.monotonic()`` value) for the engine, then start
-        generating. Raises :class:`ServerBusy` when the queue is full, :class:`GenerationTimeout`
+        generating (``alphas`` and ``whole`` as in :meth:`Engine.generate`). Raises :class:`ServerBusy` when the queue is full, :class:`GenerationTimeout`
         when the engine stayed busy until the deadline."""
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -89,17 +89,18 @@ class EngineRunner:
         loop = asyncio.get_running_loop()
         job = self._current = Job(loop)
         try:
-            fut = self._thread.submit(self._work, job, prompt, params, alphas, deadline)
+            fut = self._thread.submit(self._work, job, prompt, params, alphas, deadline, whole)
         except BaseException:
             self._lock.release()
             raise
         fut.add_done_callback(lambda _: loop.call_soon_threadsafe(self._lock.release))
         return job
 
-    def _work(self, job: Job, prompt, params, alphas, deadline) -> None:
+    def _work(self, job: Job, prompt, params, alphas, deadline, whole) -> None:
         t0 = time.monotonic()
         try:
-            gen = self.engine.generate(prompt, params, alphas=alphas, deadline=deadline, cancel=job.cancel)
+            gen = self.engine.generate(prompt, params, alphas=alphas, deadline=deadline, cancel=job.cancel,
+                                       whole=whole)
             for chunk in gen:
                 job.put("chunk", chunk)
             job.put("end", gen)
