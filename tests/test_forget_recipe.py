@@ -186,6 +186,19 @@ def test_check_bar_compares_with_the_blocklist():
     res["filter"]["ppl"] = 33.0
     bar = fr.check_bar(res)
     assert not bar["wrong_vs_blocklist"]["pass"] and not bar["ppl_rise"]["pass"]
+    assert fr.unmeasured(res) == []
+
+
+def test_facts_the_model_never_knew_leave_forgetting_unmeasured_not_failed():
+    def summary(forget, probe, keep):
+        return {"forget": forget, "probe": probe, "keep": keep, "general": 0.9, "ppl": 30.0,
+                "outcomes": {"leaked": forget, "refused": 0.5, "wrong": 0.5 - forget}}
+    res = {"alone": summary(0.0, 0.0, 0.7), "filter": summary(0.0, 0.0, 0.7), "blocklist": summary(0.0, 0.0, 0.7)}
+    bar = fr.check_bar(res)
+    assert "forget_drop" not in bar and "probe_drop" not in bar and fr.unmeasured(res) == ["forget", "probe"]
+    assert bar["keep_points"]["pass"] and bar["ppl_rise"]["pass"]
+    res["filter"]["keep"] = 0.3                      # the damage is still judged
+    assert not fr.check_bar(res)["keep_points"]["pass"]
 
 
 def test_retain_and_validation_questions_never_meet_the_test_split():

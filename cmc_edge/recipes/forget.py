@@ -380,13 +380,18 @@ def test_items(facts: list[Fact], leads: dict[str, list[str]], probes: bool) -> 
 
 
 def check_bar(res: dict, bar=BAR) -> dict:
-    """The bar on one model's test results (``alone``, ``filter``, ``blocklist`` summaries)."""
+    """The bar on one model's test results (``alone``, ``filter``, ``blocklist`` summaries).
+
+    Forgetting is measured against what the model alone gives away: where it gives none of the
+    forgotten answers (facts it never knew, such as a team's internal figures), there is nothing to
+    measure and that check is left out (:func:`unmeasured` names it); the damage checks always apply."""
     b, f, bl = res["alone"], res["filter"], res["blocklist"]
     checks = {}
-    drop = 1 - f["forget"] / b["forget"] if b.get("forget") else float("nan")
-    checks["forget_drop"] = (drop, drop >= bar["forget_drop"])
-    if "probe" in b:
-        pdrop = 1 - f["probe"] / b["probe"] if b["probe"] else float("nan")
+    if b.get("forget"):
+        drop = 1 - f["forget"] / b["forget"]
+        checks["forget_drop"] = (drop, drop >= bar["forget_drop"])
+    if b.get("probe"):
+        pdrop = 1 - f["probe"] / b["probe"]
         checks["probe_drop"] = (pdrop, pdrop >= bar["probe_drop"])
     for split, key in (("keep", "keep_points"), ("general", "general_points")):
         if split in b:
@@ -398,6 +403,11 @@ def check_bar(res: dict, bar=BAR) -> dict:
                                     f["outcomes"]["wrong"] <= bl["outcomes"]["wrong"])
     return {k: {"value": v, "pass": bool(ok) and not (isinstance(v, float) and math.isnan(v))}
             for k, (v, ok) in checks.items()}
+
+
+def unmeasured(res: dict) -> list[str]:
+    """The forgetting checks :func:`check_bar` could not make: the model alone never gave the answer."""
+    return [split for split in ("forget", "probe") if split in res["alone"] and not res["alone"][split]]
 
 
 def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts: list[Fact], cfg: ForgetConfig,
@@ -607,6 +617,9 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             warnings.append("no strength was safe on the validation split (" + "; ".join(reasons) + "): this filter "
                             "damages unrelated answers; do not ship it")
         for m in models:
+            if unmeasured(m):
+                warnings.append(f"{m['model']} alone never gave a forgotten answer ({' or '.join(unmeasured(m))} "
+                                "questions): forgetting could not be measured there, only the damage")
             bad = [k for k, c in m["bar"].items() if not c["pass"] and k in ("keep_points", "general_points", "ppl_rise")]
             if bad:
                 warnings.append(f"{m['model']}: the filter damages what it should leave alone ({', '.join(bad)})")
