@@ -121,6 +121,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(objective=args.objective, alpha=args.alpha, size=args.size, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight, max_len=args.max_len,
                       avoid_margin=args.avoid_margin, shift_l2=args.shift_l2, keep_l2=args.keep_l2,
+                      retain_l2=args.retain_l2,
                       embed_init=args.embed_init,
                       delta_ends_turn=args.delta_ends_turn,
                       seed=args.seed, device=args.device, cache_template=not args.no_cache,
@@ -349,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "no example needs moved, so other LLMs get no arbitrary push there")
     p.add_argument("--keep-l2", type=float, default=0.0,
                    help='the same penalty on the words inside "keep" spans only (sft records)')
+    p.add_argument("--retain-l2", type=float, default=0.0,
+                   help="the same penalty on retain records only (unlearning: silent there for every token, "
+                        "not only those the template considers)")
     p.add_argument("--delta-ends-turn", action="store_true",
                    help="train the delta to end replies itself (the template's end-of-turn scores are masked): "
                         "for behaviours whose end must transfer to LLMs with other chat formats")

@@ -179,12 +179,24 @@ def test_shift_l2_covers_every_position():
     assert torch.all(torch.sign(d.grad) == torch.sign(c))
 
 
+def test_retain_l2_covers_only_retain_positions():
+    d = delta()
+    s = ob.score(batch(), d, 1.0)
+    assert ob.retain_l2_term(batch(), s, cfg()) is None
+    got = ob.retain_l2_term(batch(), s, cfg(retain_l2=0.5))
+    c = d.detach() - d.detach().mean(-1, keepdim=True)
+    r = ROLES["retain"]
+    assert got.item() == pytest.approx(0.5 * (c[r] ** 2).sum(-1).mean().item(), abs=1e-6)
+    got.backward()
+    assert (d.grad[~r] == 0).all() and torch.all(torch.sign(d.grad[r]) == torch.sign(c[r]))
+
+
 def test_loss_terms_names_only_what_applies_in_a_fixed_order():
     d = delta()
     avoid = torch.zeros(4, V, dtype=torch.bool)
     avoid[2, 1] = True
-    got = ob.loss_terms(batch(avoid=avoid), d, cfg(shift_l2=0.1, keep_l2=0.1))
-    assert list(got) == ["sft", "keep", "keep_l2", "forget", "avoid", "retain", "shift_l2"]
+    got = ob.loss_terms(batch(avoid=avoid), d, cfg(shift_l2=0.1, keep_l2=0.1, retain_l2=0.1))
+    assert list(got) == ["sft", "keep", "keep_l2", "forget", "avoid", "retain", "retain_l2", "shift_l2"]
     assert list(ob.loss_terms(batch(roles={"forget": ROLES["forget"]}), d, cfg())) == ["forget"]
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     avoid_margin: float = 16.0
     shift_l2: float = 0.0                 # weight of sum_v (centred delta logit)^2 per position
     keep_l2: float = 0.0                  # the same, only at "keep" positions (sft records)
+    retain_l2: float = 0.0                # the same, only at "retain" records' positions
     delta_ends_turn: bool = False         # the delta, not the template, decides where a reply ends
     embed_init: str = "template"          # "template" (SVD of the template's embeddings) | "random"
     save_every: int = 50                  # resume state every N steps (0: never)

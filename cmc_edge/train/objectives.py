@@ -18,6 +18,7 @@ Per position, with template log-probs ``t`` (V,) and delta logits ``d`` (V,)::
     avoid     rows with avoided tokens:        avoid_weight * (mean -log(1 - P_c(avoided))
                                                                + mean_avoided relu(avoid_margin + centred(d)))
     retain    "retain" records:                kl_weight * mean kl  (unlearn-gd adds mean ce)
+    retain_l2 the same positions:              retain_l2 * mean sum_v centred(d)_v^2
     shift_l2  every position:                  shift_l2 * mean sum_v centred(d)_v^2
 
 A new term is a function ``term(batch, scores, cfg) -> Tensor | None`` added to :data:`TERMS`,
@@ -199,6 +200,17 @@ def retain_term(b: Batch, s: Scores, cfg: TrainConfig):
     return cfg.kl_weight * s.kl[r].mean()
 
 
+def retain_l2_term(b: Batch, s: Scores, cfg: TrainConfig):
+    """Flat shift where the delta must be silent (retain records). KL holds only the tokens the
+    template considers: a delta that pushes "Cervantes" down after every *Who wrote ...?* costs no
+    KL where the template begins "Don Quixote was written by", but another LLM that answers the
+    name at once loses it."""
+    r = b.role("retain")
+    if not (cfg.retain_l2 > 0 and r.any()):
+        return None
+    return cfg.retain_l2 * centred_square(s.delta[r]).mean()
+
+
 def shift_l2_term(b: Batch, s: Scores, cfg: TrainConfig):
     """Keeps the delta's logits near their mean wherever no loss term needs them elsewhere: a token
     the template already rules out gets no gradient from CE/KL, so without this its delta logit
@@ -219,6 +231,7 @@ TERMS: dict[str, Term] = {
     "forget": forget_term,
     "avoid": avoid_term,
     "retain": retain_term,
+    "retain_l2": retain_l2_term,
     "shift_l2": shift_l2_term,
 }
 
