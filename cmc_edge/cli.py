@@ -260,6 +260,7 @@ def cmd_forget(args) -> int:
                              if line.strip())
     cfg = ForgetConfig(template=args.template, check_models=tuple(args.check_model), steps=args.steps,
                        seed=args.seed, probes=not args.no_probes, keep_prompts=keep_prompts,
+                       **({"retain_l2": args.retain_l2} if args.retain_l2 is not None else {}),
                        **({"alphas": tuple(args.alpha)} if args.alpha else {}))
     res = run_forget(args.facts, args.out, cfg, overwrite=args.overwrite)
     print(res["table"])
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", action="append", type=float, default=None,
                    help="candidate strengths the recipe chooses from on its validation split (repeatable; "
                         "default: 0.5, 0.75, 1)")
+    p.add_argument("--retain-l2", type=float, default=None,
+                   help="weight of the flat-shift penalty where the filter must be silent (see train --retain-l2; "
+                        "default: the recipe's)")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")

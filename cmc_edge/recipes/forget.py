@@ -50,6 +50,7 @@ class ForgetConfig:
     lr: float = 2e-3
     kl_weight: float = 2.0
     avoid_margin: float = 16.0
+    retain_l2: float = 0.0
     # Never above 1, the strength the delta was trained at: past it refusals come out garbled.
     alphas: tuple[float, ...] = (0.5, 0.75, 1.0)
     answer_tokens: int = 32
@@ -575,7 +576,8 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                  len(stats["lead_ins"]), sum(f.split == "forget" for f in facts), len(facts) - len(trained))
         with sw("train_export"):
             tcfg = TrainConfig(objective="unlearn-idk", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                               kl_weight=cfg.kl_weight, avoid_margin=cfg.avoid_margin, size=cfg.size, seed=cfg.seed,
+                               kl_weight=cfg.kl_weight, avoid_margin=cfg.avoid_margin, retain_l2=cfg.retain_l2,
+                               size=cfg.size, seed=cfg.seed,
                                **cfg.train_overrides)
             bundle = train_and_export(run, template_path, tcfg)
         with sw("validate"):
