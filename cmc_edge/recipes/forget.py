@@ -611,7 +611,11 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             for name in check:
                 res, rows[name] = check_model(name, bundle, items, alpha, facts, cfg, text)
                 models.append(res)
+        # PASS needs every check to pass and forgetting measured on at least one model; a filter whose
+        # forgetting no model could show (facts none of them knew) is UNVERIFIED, never PASS.
         passed = all(c["pass"] for m in models for c in m["bar"].values())
+        verdict = ("FAIL" if not passed else "UNVERIFIED" if all("forget" in unmeasured(m) for m in models)
+                   else "PASS")
         warnings = []
         if few_kept:
             warnings.append(few_kept)
@@ -621,14 +625,15 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
         for m in models:
             if unmeasured(m):
                 warnings.append(f"{m['model']} alone never gave a forgotten answer ({' or '.join(unmeasured(m))} "
-                                "questions): forgetting could not be measured there, only the damage")
+                                "questions): forgetting could not be measured there, only the damage; add "
+                                "--check-model with a model that knows these facts to verify the filter")
             bad = [k for k, c in m["bar"].items() if not c["pass"] and k in ("keep_points", "general_points", "ppl_rise")]
             if bad:
                 warnings.append(f"{m['model']}: the filter damages what it should leave alone ({', '.join(bad)})")
         result = {"recipe": "forget", "facts": str(facts_path), "bundle": str(out / "bundle"), "alpha": alpha,
                   "status": status, "validation": {str(a): m for a, m in measured.items()},
                   "validation_reasons": reasons, "training_data": stats, "config": _jsonable(asdict(cfg)),
-                  "models": models, "verdict": "PASS" if passed else "FAIL", "warnings": warnings,
+                  "models": models, "verdict": verdict, "warnings": warnings,
                   "timings": {**sw.seconds, "total": round(sw.total, 1)}}
         table = format_report(result)
         result["table"] = table
