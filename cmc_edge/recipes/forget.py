@@ -124,6 +124,13 @@ def sibling_list_prompts(facts: list[Fact]) -> list[tuple[Fact, str]]:
             if f.split == "forget" and question_frame(f)]
 
 
+def _is_name(subject: str) -> bool:
+    """Is the subject a proper name ("Hamlet", "the Odyssey"), so that its siblings must be names too?"""
+    words = subject.split()
+    return subject[:1].isupper() or (bool(words) and words[0].casefold() in ("the", "a", "an")
+                                     and any(w[:1].isupper() for w in words[1:]))
+
+
 def sibling_prompts(facts: list[Fact], answers: dict[str, str], *, per_fact: int = 4,
                     exclude: tuple[str, ...] = ()) -> list[str]:
     """The forgotten questions' wordings asked about other subjects of the same kind, named by the
@@ -136,9 +143,8 @@ def sibling_prompts(facts: list[Fact], answers: dict[str, str], *, per_fact: int
     out, k = [], 0
     for f, prompt in sibling_list_prompts(facts):
         frame = question_frame(f)
-        proper = f.subject[:1].isupper() or f.subject.split()[0].casefold() in ("the", "a", "an") and any(
-            w[:1].isupper() for w in f.subject.split()[1:])
-        for name in fd.parse_names(answers.get(prompt, ""), exclude=subjects, limit=per_fact, proper=proper):
+        for name in fd.parse_names(answers.get(prompt, ""), exclude=subjects, limit=per_fact,
+                                   proper=_is_name(f.subject)):
             if any(fd.answer_span(q, [name]) for q in exclude):
                 continue
             q = frame.replace("{s}", name)
@@ -543,8 +549,10 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     check = list(dict.fromkeys([cfg.template, *cfg.check_models]))
     for name in check:
         resolve_model(name)            # fail before the long part
+    kin = held_out_keep(facts)
+    trained = [f for f in facts if f not in kin]
     few_kept = None
-    if not held_out_keep(facts):
+    if not kin:
         few_kept = (f"{facts_path} has {sum(f.split == 'keep' for f in facts)} kept facts: with fewer than 3 the "
                     "strength is chosen without never-trained facts of the forgotten kind, so damage to other "
                     "questions of that kind goes unseen until the test check; add kept facts of the same kind")
@@ -553,7 +561,6 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     with atomic_dir(out, overwrite=overwrite) as run:
         own = {q.casefold() for f in facts for q in f.questions}
         broad = [p for p in (*BROAD_PROMPTS, *fd.RETAIN_QUESTIONS, *cfg.keep_prompts) if p.casefold() not in own]
-        trained = [f for f in facts if f not in held_out_keep(facts)]
         with sw("data"):
             asked = ([p for _, p in lead_in_prompts(trained)] + [p for _, p in keep_prompts(trained)]
                      + [p for _, p in subject_prompts(trained)] + [p for _, p in sibling_list_prompts(trained)]
