@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: 0.5, 0.75, 1)")
     p.add_argument("--retain-l2", type=float, default=None,
                    help="weight of the flat-shift penalty where the filter must be silent (see train --retain-l2; "
-                        "default: the recipe's)")
+                        "default: 1e-5; 0 turns it off)")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")

@@ -50,7 +50,9 @@ class ForgetConfig:
     lr: float = 2e-3
     kl_weight: float = 2.0
     avoid_margin: float = 16.0
-    retain_l2: float = 0.0
+    # A small penalty on any flat shift where the filter must be silent: without it, sets whose
+    # answers are common words (people, chemical symbols) cost 8-10 points of unrelated recall.
+    retain_l2: float = 1e-5
     # Never above 1, the strength the delta was trained at: past it refusals come out garbled.
     alphas: tuple[float, ...] = (0.5, 0.75, 1.0)
     answer_tokens: int = 32
