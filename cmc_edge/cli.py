@@ -242,6 +242,15 @@ def cmd_demo(args) -> int:
         from cmc_edge.recipes.json_recipe import JsonRecipeConfig, run_json_recipe
 
         res = run_json_recipe(JsonRecipeConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed))
+    elif args.recipe == "instruct":
+        from cmc_edge.recipes.instruct import InstructConfig, run_instruct_recipe
+
+        res = run_instruct_recipe(InstructConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed))
+        print(res["table"])
+        print(f"\nbundle: {res['bundle']}\nIFEval: python bench/ifeval.py --model gemma3 --delta {res['bundle']} "
+              f"--config base --config delta --limit 40")
+        print(f"run directory: {res['run_dir']}  (total {res['timings']['total_s'] / 60:.1f} min)")
+        return 0
     else:
         from cmc_edge.recipes.demo import DemoConfig, run_demo
 
@@ -313,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (fewer eval items; unlearn only)")
-    p.add_argument("--recipe", choices=["unlearn", "json"], default="unlearn",
+    p.add_argument("--recipe", choices=["unlearn", "json", "instruct"], default="unlearn",
                    help="unlearn: the capital-city unlearning filter (default); json: instruction transfer, "
-                        "answering as one JSON object")
+                        "answering as one JSON object; instruct: following IFEval-style constraints (needs the "
+                        "[bench] extra: IFEval's checker)")
 
     p = sub.add_parser("forget", help="make an unlearning filter from a facts file: build the data, train, export, "
                                       "choose its strength and check it; writes the bundle and a report card")

@@ -124,3 +124,34 @@ def test_json_recipe_runs_on_the_scaffold_with_its_own_training_config(tiny_reci
             assert len(m[cond]["samples"]) == n
             assert m[cond]["adherence"] == sum(jr.parse_json_answer(s["output"]) is not None
                                                for s in m[cond]["samples"]) / n
+
+
+def test_instruct_recipe_runs_on_the_scaffold_with_its_own_training_config(tiny_recipe, tmp_path, monkeypatch,
+                                                                          capsys):
+    from cmc_edge.cli import main
+    from cmc_edge.recipes import instruct as ins
+
+    monkeypatch.setattr(ins, "TASKS", ins.TASKS[:10])
+    monkeypatch.setattr(scaffold, "template_answers", lambda path, prompts, n: [
+        "Bees need care. A keeper checks the hives. Honey comes in summer. Smoke keeps bees calm."] * len(prompts))
+    assert main(["demo", "--recipe", "instruct", "--steps", "5", "--out", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    (run,) = (tmp_path / "runs").iterdir()
+    res = json.loads((run / "results.json").read_text())
+    assert run.name.startswith("instruct-") and res["table"] in out and f"--delta {res['bundle']}" in out
+
+    (t,) = tiny_recipe
+    assert t["roles"] == ("sft", "retain")
+    c = t["cfg"]
+    assert (c.objective, c.steps, c.delta_ends_turn, c.max_len) == ("sft", 5, True, 256)
+    sft = [json.loads(x) for x in t["records"]["sft"]]
+    retain = [json.loads(x) for x in t["records"]["retain"]]
+    assert [r["prompt"] for r in retain] == [task for task, _ in ins.split_tasks(ins.TASKS)[0]]
+    assert sft and all(r["prompt"] not in {x["prompt"] for x in retain} for r in sft)
+    items = json.loads((run / "check_items.json").read_text())
+    assert len(items) == 2 * 3                      # two held-out tasks, three prompts each
+    for m in res["models"]:
+        for cond in ("base", "delta"):
+            rows = m[cond]["samples"]
+            assert len(rows) == len(items)
+            assert m[cond]["prompt_strict"] == sum(all(v["strict"] for v in r["verdicts"]) for r in rows) / len(rows)

@@ -26,6 +26,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cmc_edge.recipes.scaffold import RecipeConfig
+
 log = logging.getLogger(__name__)
 
 # Issue 6's bar: adherence on held-out prompts, and at most a 10-point drop in correctness.
@@ -33,32 +35,12 @@ BAR = {"adherence": {"smollm2": 0.80, "gemma3": 0.60}, "correct_points": 10.0}
 
 
 @dataclass(frozen=True)
-class JsonRecipeConfig:
-    out_root: Path = Path("runs")
-    steps: int | None = None
-    seed: int = 0
-    alpha: float = 1.0
-    size: str = "15m"
-    lr: float = 2e-3
-    batch_size: int = 16
+class JsonRecipeConfig(RecipeConfig):
+    kl_weight: float = 3.0
+    train_overrides: dict = field(default_factory=lambda: {"delta_ends_turn": True})
     forms_per_country: int = 1
     answer_tokens: int = 40
     max_tokens: int = 48
-    models: tuple[str, ...] = ("smollm2", "gemma3")
-    objective: str = "sft"
-    kl_weight: float = 3.0
-    train_overrides: dict = field(default_factory=lambda: {"delta_ends_turn": True})
-
-    @property
-    def train_steps(self) -> int:
-        return self.steps if self.steps is not None else 200
-
-    def train_config(self):
-        from cmc_edge.train.loop import TrainConfig
-
-        return TrainConfig(objective=self.objective, alpha=self.alpha, size=self.size, steps=self.train_steps,
-                           batch_size=self.batch_size, lr=self.lr, kl_weight=self.kl_weight, seed=self.seed,
-                           **self.train_overrides)
 
 
 # Short questions of many kinds for training the format; disjoint from every evaluation question

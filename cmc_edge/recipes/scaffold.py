@@ -12,10 +12,40 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """What every training recipe sets: where runs go, the delta's size and training, the models checked."""
+
+    out_root: Path = Path("runs")
+    steps: int | None = None             # None: the recipe's own default (:attr:`default_steps`)
+    seed: int = 0
+    alpha: float = 1.0
+    size: str = "15m"
+    lr: float = 2e-3
+    batch_size: int = 16
+    kl_weight: float = 1.0
+    objective: str = "sft"
+    models: tuple[str, ...] = ("smollm2", "gemma3")
+    train_overrides: dict = field(default_factory=dict)
+
+    default_steps = 200                  # a class attribute, not a field
+
+    @property
+    def train_steps(self) -> int:
+        return self.steps if self.steps is not None else self.default_steps
+
+    def train_config(self, **extra):
+        from cmc_edge.train.loop import TrainConfig
+
+        return TrainConfig(objective=self.objective, alpha=self.alpha, size=self.size, steps=self.train_steps,
+                           batch_size=self.batch_size, lr=self.lr, kl_weight=self.kl_weight, seed=self.seed,
+                           **{**self.train_overrides, **extra})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,433 @@
+"""`cmc-edge demo --recipe instruct`: an instruction-following delta, trained once beside SmolLM2.
+
+The paper's first use of CMC: instruction tuning done once, carried to other LLMs at decode time.
+What is taught is the *kind* of constraint IFEval checks (case, commas, an end phrase, quotation
+marks, a postscript, a title, JSON, highlighted phrases, a bullet count, a paragraph count, sections,
+a sentence or word limit, repeating the request), on tasks of our own and with our own wordings.
+No IFEval prompt, and nothing close to one, is training data (a test checks the overlap).
+
+The data is the template's own answer, edited by rule to follow the constraint and kept only when
+IFEval's checker (:mod:`cmc_edge.eval.instructions`, the ``if-verifiable`` package) accepts it:
+
+* each task alone, with the template's answer as it is: ``retain`` (KL to the template), so the
+  delta stays silent when nothing is asked of it;
+* each task with one or two constraints appended, with the edited answer: ``sft`` (cross-entropy).
+
+One task in five is held out: its constrained prompts (new task, seen kinds of constraint) judge
+each model with and without the delta, by the same checker. IFEval itself is run by
+``bench/ifeval.py`` on the bundle this recipe writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cmc_edge.recipes.scaffold import RecipeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstructConfig(RecipeConfig):
+    train_overrides: dict = field(default_factory=lambda: {"delta_ends_turn": True})
+    per_task: int = 4              # constrained prompts per training task
+    answer_tokens: int = 120       # the template's answer to each task
+    max_tokens: int = 200          # the check's answers
+    max_len: int = 256
+
+    def train_config(self, **extra):
+        return super().train_config(max_len=self.max_len, **extra)
+
+
+# Open-ended tasks of our own, each with a short title (used by the title constraint).
+TASKS: tuple[tuple[str, str], ...] = (
+    ("Explain how a bicycle stays upright while moving.", "Balance on Two Wheels"),
+    ("Describe what a beekeeper does during a normal week.", "A Week with the Bees"),
+    ("Tell me why bread goes stale.", "Stale Bread"),
+    ("Give some advice to someone learning to swim as an adult.", "Swimming Later in Life"),
+    ("Explain what a rainbow is made of.", "Colours in the Sky"),
+    ("Describe a quiet morning in a fishing village.", "Morning at the Harbour"),
+    ("Suggest ways to keep a small apartment tidy.", "A Tidy Home"),
+    ("Explain how a refrigerator keeps food cold.", "Inside the Fridge"),
+    ("Tell me about the life cycle of a frog.", "From Egg to Frog"),
+    ("Describe how to plant a tomato seedling.", "Planting Tomatoes"),
+    ("Explain why the ocean is salty.", "Salt in the Sea"),
+    ("Give tips for a first visit to a public library.", "Your First Library Visit"),
+    ("Describe the job of an air traffic controller.", "Guiding the Planes"),
+    ("Explain what causes thunder.", "The Sound of Lightning"),
+    ("Tell me how to make a simple cup of tea.", "A Cup of Tea"),
+    ("Describe what people do at a farmers' market.", "Market Day"),
+    ("Explain how glasses help people see better.", "Seeing Clearly"),
+    ("Suggest a few hobbies for a rainy weekend.", "Rainy Weekend Hobbies"),
+    ("Explain why cats purr.", "The Purring Cat"),
+    ("Describe how a letter travels through the post.", "A Letter's Journey"),
+    ("Tell me about the benefits of walking every day.", "Daily Walks"),
+    ("Explain how a compass works.", "Finding North"),
+    ("Describe a busy train station at rush hour.", "Rush Hour"),
+    ("Give advice on caring for a houseplant.", "Happy Houseplants"),
+    ("Explain what a volcano is.", "Mountains of Fire"),
+    ("Describe how honey is made.", "From Flower to Honey"),
+    ("Tell me how to prepare for a job interview.", "Interview Ready"),
+    ("Explain why leaves are green.", "Green Leaves"),
+    ("Describe the sounds of a forest at night.", "The Night Forest"),
+    ("Suggest ways to save water at home.", "Saving Water"),
+    ("Explain how an airplane gets off the ground.", "Taking Off"),
+    ("Describe what a lighthouse keeper used to do.", "Keeper of the Light"),
+    ("Tell me why sleep matters for students.", "Sleep and Study"),
+    ("Explain how recycling paper works.", "Paper Again"),
+    ("Describe a picnic in a city park.", "Picnic in the Park"),
+    ("Give tips for writing a thank-you note.", "Saying Thanks"),
+    ("Explain what the moon's phases are.", "Phases of the Moon"),
+    ("Describe how a baker starts the day.", "The Baker's Morning"),
+    ("Tell me how to clean a pair of running shoes.", "Clean Running Shoes"),
+    ("Explain why we have seasons.", "Why Seasons Change"),
+    ("Describe what a museum guide does.", "Guide to the Museum"),
+    ("Suggest healthy snacks for a long car trip.", "Road Trip Snacks"),
+    ("Explain how a battery stores energy.", "Energy in a Battery"),
+    ("Describe a snowy day from a child's point of view.", "Snow Day"),
+    ("Tell me how birds find their way when they migrate.", "Long Flights Home"),
+    ("Explain what a budget is and why it helps.", "Making a Budget"),
+    ("Describe the smell and sounds of a bakery.", "Inside a Bakery"),
+    ("Give advice for someone moving to a new town.", "A New Town"),
+    ("Explain how vaccines train the body.", "Training the Immune System"),
+    ("Describe a sunset over the desert.", "Desert Sunset"),
+    ("Tell me how to start running as a beginner.", "First Steps in Running"),
+    ("Explain why some metals rust.", "Rust"),
+    ("Describe what happens at a car wash.", "Through the Car Wash"),
+    ("Suggest ways to make new friends at work.", "Friends at Work"),
+    ("Explain how a seed becomes a tree.", "From Seed to Tree"),
+    ("Describe a rainy afternoon in a cafe.", "Afternoon Rain"),
+    ("Tell me how to fold a paper airplane.", "Paper Airplanes"),
+    ("Explain what makes a good neighbour.", "Good Neighbours"),
+    ("Describe how a potter shapes a bowl.", "At the Potter's Wheel"),
+    ("Give tips for keeping a pet dog healthy.", "A Healthy Dog"),
+)
+
+
+# -- sentences of the template's answer ----------------------------------------------------------------
+def sentences(text: str) -> list[str]:
+    """The complete sentences of a template answer, markdown and line structure dropped (the
+    constraints below rebuild structure; stray ``*`` or ``#`` would break their counts). A last
+    sentence cut off by the token budget is left out.
+
+    >>> sentences("**Tip:** water it.\\n* Keep it warm! Then it gr")
+    ['Tip: water it.', 'Keep it warm!']
+    """
+    flat = re.sub(r"\s+", " ", re.sub(r"(^|\s)\d+\.\s", " ", re.sub(r"[*#_`]", "", text))).strip()
+    parts = re.findall(r"[^.!?]*[.!?]+(?=\s|$)", flat)
+    return [p.strip() for p in parts if len(p.strip()) > 1]
+
+
+# -- the constraints ----------------------------------------------------------------------------------
+END_PHRASES = ("That is all for now.", "Hope this is useful!", "Thanks for reading.", "Any other questions?",
+               "Let me know what you think.", "Enjoy!")
+POSTSCRIPTS = ("I can add more detail if you like.", "Write back with any follow-up.", "This is only a short guide.",
+               "Small steps add up.")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One kind of verifiable constraint: its IFEval instruction id (the checker's), how a prompt
+    asks for it (our own wordings, ``{name}`` filled from its kwargs), its kwargs for a task, and the
+    edit that makes an answer (a list of sentences) follow it (None: this answer cannot)."""
+
+    id: str
+    slot: str                        # at most one rule per slot in a prompt
+    wordings: tuple[str, ...]
+    kwargs: Callable[[random.Random, str, str, list[str]], dict]
+    edit: Callable[[list[str], dict, str, str], "list[str] | str | None"]
+
+
+def _none(rng, task, title, sents):
+    return {}
+
+
+def _groups(sents: list[str], n: int) -> list[list[str]] | None:
+    if len(sents) < n:
+        return None
+    size, extra = divmod(len(sents), n)
+    out, i = [], 0
+    for k in range(n):
+        j = i + size + (k < extra)
+        out.append(sents[i:j])
+        i = j
+    return out
+
+
+def _bullets(s, kw, task, title):
+    return None if len(s) < kw["num_bullets"] else "\n".join(f"* {x}" for x in s[: kw["num_bullets"]])
+
+
+def _paragraphs(s, kw, task, title):
+    g = _groups(s, kw["num_paragraphs"])
+    return None if g is None else "\n\n***\n\n".join(" ".join(p) for p in g)
+
+
+def _sections(s, kw, task, title):
+    g = _groups(s, kw["num_sections"])
+    return None if g is None else "\n\n".join(f"{kw['section_spliter']} {k}\n{' '.join(p)}"
+                                              for k, p in enumerate(g, 1))
+
+
+def _highlights(s, kw, task, title):
+    n = kw["num_highlights"]
+    return None if len(s) < n else [f"*{x}*" if i < n else x for i, x in enumerate(s)]
+
+
+def _fewer_sentences(s, kw, task, title):
+    keep = s[: kw["num_sentences"] - 1]
+    return keep or None
+
+
+def _fewer_words(s, kw, task, title):
+    out, words = [], 0
+    for x in s:
+        if words + len(x.split()) >= kw["num_words"]:
+            break
+        out.append(x)
+        words += len(x.split())
+    return out or None
+
+
+def _keywords(rng, task, title, sents):
+    words = sorted({w.lower() for w in re.findall(r"[A-Za-z]{6,}", " ".join(sents))})
+    return {"keywords": rng.sample(words, 2)} if len(words) >= 2 else {"keywords": []}
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("change_case:english_lowercase", "case",
+         ("Use only lowercase letters in your whole reply.",
+          "Please write the answer entirely in small letters; no capitals anywhere, not even at the start."),
+         _none, lambda s, kw, t, ti: " ".join(s).lower()),
+    Rule("change_case:english_capital", "case",
+         ("Write your whole reply in capital letters.", "Answer in ALL CAPS, every single letter uppercase."),
+         _none, lambda s, kw, t, ti: " ".join(s).upper()),
+    Rule("punctuation:no_comma", "punct",
+         ("Do not use a single comma in your reply.", "Avoid commas entirely; use other punctuation instead."),
+         _none, lambda s, kw, t, ti: [re.sub(r"\s*,\s*", " ", x) for x in s]),
+    Rule("startend:end_checker", "end",
+         ('Finish with the exact words "{end_phrase}" and write nothing after them.',
+          'The last words of your answer must be: {end_phrase}'),
+         lambda rng, t, ti, s: {"end_phrase": rng.choice(END_PHRASES)},
+         lambda s, kw, t, ti: " ".join(s) + "\n\n" + kw["end_phrase"]),
+    Rule("detectable_content:postscript", "end",
+         ("Add a note at the very end that starts with {postscript_marker}",
+          "After your answer, include a short postscript beginning with {postscript_marker}"),
+         lambda rng, t, ti, s: {"postscript_marker": rng.choice(("P.S.", "P.P.S"))},
+         lambda s, kw, t, ti: " ".join(s) + f"\n\n{kw['postscript_marker']} " + POSTSCRIPTS[len(s) % len(POSTSCRIPTS)]),
+    Rule("startend:quotation", "wrap",
+         ("Put your entire reply inside double quotation marks.", "Wrap the whole answer in double quotes."),
+         _none, lambda s, kw, t, ti: '"' + " ".join(s).replace('"', "'") + '"'),
+    Rule("detectable_format:json_format", "wrap",
+         ("Return your answer as a JSON object and nothing else.", "Format the entire output as valid JSON."),
+         _none, lambda s, kw, t, ti: json.dumps({"title": ti, "answer": " ".join(s)}, indent=2, ensure_ascii=False)),
+    Rule("detectable_format:title", "start",
+         ("Give your reply a title in double angle brackets, like <<My Title>>.",
+          "Begin with a heading inside double angle brackets, for example <<A Day Out>>."),
+         _none, lambda s, kw, t, ti: f"<<{ti}>>\n\n" + " ".join(s)),
+    Rule("combination:repeat_prompt", "start",
+         ("Start your reply by writing out my request above exactly as I wrote it, then answer it.",
+          "Copy my request word for word before you answer (only the request, not this sentence)."),
+         lambda rng, t, ti, s: {"prompt_to_repeat": t},
+         lambda s, kw, t, ti: t + "\n\n" + " ".join(s)),
+    Rule("detectable_format:number_highlighted_sections", "structure",
+         ("Mark {num_highlights} or more key phrases in italics by putting single asterisks around them, "
+          "as in *this phrase*.",
+          "Emphasise {num_highlights} or more of your sentences with markdown asterisks (*like so*)."),
+         lambda rng, t, ti, s: {"num_highlights": rng.choice((1, 2, 3))}, _highlights),
+    Rule("detectable_format:number_bullet_lists", "structure",
+         ("Answer with exactly {num_bullets} bullet points, each line starting with an asterisk.",
+          "Use a markdown list of precisely {num_bullets} items, like:\n* first item\n* second item"),
+         lambda rng, t, ti, s: {"num_bullets": rng.choice((2, 3, 4, 5))}, _bullets),
+    Rule("length_constraints:number_paragraphs", "structure",
+         ("Write exactly {num_paragraphs} paragraphs and separate them with the markdown divider ***.",
+          "Split your answer into {num_paragraphs} paragraphs, with *** on its own line between them."),
+         lambda rng, t, ti, s: {"num_paragraphs": rng.choice((2, 3, 4))}, _paragraphs),
+    Rule("detectable_format:multiple_sections", "structure",
+         ("Organise the answer into {num_sections} parts, labelled {section_spliter} 1, {section_spliter} 2 "
+          "and so on.",
+          "Give {num_sections} numbered parts, each headed '{section_spliter} X' with X its number."),
+         lambda rng, t, ti, s: {"section_spliter": rng.choice(("Section", "SECTION", "Part", "Step")),
+                                "num_sections": rng.choice((2, 3))}, _sections),
+    Rule("length_constraints:number_sentences", "length",
+         ("Keep it under {num_sentences} sentences.", "Use fewer than {num_sentences} sentences in total."),
+         lambda rng, t, ti, s: {"relation": "less than", "num_sentences": rng.choice((2, 3, 4))}, _fewer_sentences),
+    Rule("length_constraints:number_words", "length",
+         ("Answer in fewer than {num_words} words.", "Your reply must stay below {num_words} words."),
+         lambda rng, t, ti, s: {"relation": "less than", "num_words": rng.choice((25, 40, 60))}, _fewer_words),
+    Rule("keywords:existence", "words",
+         ("Make sure the words {keywords} appear in your reply.", "Include these words somewhere: {keywords}."),
+         _keywords, lambda s, kw, t, ti: s if kw["keywords"] else None),
+)
+# Edits run in this order: cut, then structure, then what goes before and after, then letters, then wrappers.
+ORDER = ("length", "structure", "words", "start", "end", "punct", "case", "wrap")
+
+
+def _text(x) -> str:
+    return x if isinstance(x, str) else " ".join(x)
+
+
+def _phrase(rule: Rule, kw: dict, rng: random.Random) -> str:
+    w = rng.choice(rule.wordings)
+    vals = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in kw.items()}
+    return w.format(**vals) if "{" in w else w
+
+
+def constrained(task: str, title: str, sents: list[str], rules: list[Rule], rng: random.Random):
+    """(prompt, response, ids, kwargs) for ``task`` with ``rules``, or None when an edit cannot apply.
+    The response is the template's sentences edited by each rule in :data:`ORDER`."""
+    kws = [r.kwargs(rng, task, title, sents) for r in rules]
+    prompt = task + " " + " ".join(_phrase(r, kw, rng) for r, kw in zip(rules, kws))
+    cur: list[str] | str = list(sents)
+    for r, kw in sorted(zip(rules, kws), key=lambda p: ORDER.index(p[0].slot)):
+        cur = r.edit(cur if isinstance(cur, list) else [cur], kw, task, title)
+        if cur is None:
+            return None
+    return prompt, _text(cur).strip(), [r.id for r in rules], kws
+
+
+def pick_rules(rng: random.Random) -> list[Rule]:
+    """One rule (60%) or two of different slots, never two wrappers around each other."""
+    first = rng.choice(RULES)
+    if rng.random() < 0.6:
+        return [first]
+    others = [r for r in RULES if r.slot != first.slot and not {r.slot, first.slot} >= {"wrap", "end"}
+              and not {r.slot, first.slot} >= {"wrap", "start"}]
+    return [first, rng.choice(others)]
+
+
+def build_records(tasks, answers, *, per_task: int, seed: int, check=None) -> tuple[list, list, dict]:
+    """(sft, retain, stats): each task with the template's answer as retain; ``per_task`` constrained
+    prompts with edited answers as sft, each kept only when ``check`` (default: IFEval's checker,
+    strict) accepts every instruction."""
+    from cmc_edge.eval.instructions import score
+
+    check = check or (lambda prompt, ids, kws, resp: all(
+        v["strict"] for v in score({"key": 0, "prompt": prompt, "instruction_id_list": ids, "kwargs": kws}, resp)))
+    rng = random.Random(seed)
+    sft, retain = [], []
+    tried, kept = Counter(), Counter()
+    for (task, title), answer in zip(tasks, answers):
+        if not answer.strip():
+            continue
+        retain.append({"prompt": task, "response": answer.strip()})
+        sents = sentences(answer)
+        for _ in range(per_task):
+            rules = pick_rules(rng)
+            got = constrained(task, title, sents, rules, rng)
+            for r in rules:
+                tried[r.id] += 1
+            if got is None:
+                continue
+            prompt, response, ids, kws = got
+            if check(prompt, ids, kws, response):
+                sft.append({"prompt": prompt, "response": response, "instructions": ids, "kwargs": kws})
+                for i in ids:
+                    kept[i] += 1
+    stats = {"tasks": len(retain), "sft": len(sft), "retain": len(retain),
+             "per_rule": {i: {"tried": tried[i], "kept": kept[i]} for i in sorted(tried)}}
+    return sft, retain, stats
+
+
+def split_tasks(tasks=None) -> tuple[list, list]:
+    """(train, held out) of ``tasks`` (default :data:`TASKS`): every fifth task is held out for the
+    recipe's own check."""
+    tasks = TASKS if tasks is None else tasks
+    return [t for i, t in enumerate(tasks) if i % 5 != 4], [t for i, t in enumerate(tasks) if i % 5 == 4]
+
+
+# -- the check on held-out tasks ---------------------------------------------------------------------
+def check_items(tasks, answers, *, seed: int, per_task: int = 3) -> list[dict]:
+    """IFEval-style records (key, prompt, instruction_id_list, kwargs) for held-out tasks; kwargs drawn
+    from the template's answer (keywords) as in training."""
+    rng = random.Random(seed + 1)
+    out = []
+    for (task, title), answer in zip(tasks, answers):
+        sents = sentences(answer)
+        for _ in range(per_task):
+            rules = pick_rules(rng)
+            kws = [r.kwargs(rng, task, title, sents) for r in rules]
+            prompt = task + " " + " ".join(_phrase(r, kw, rng) for r, kw in zip(rules, kws))
+            out.append({"key": len(out), "prompt": prompt, "instruction_id_list": [r.id for r in rules],
+                        "kwargs": kws})
+    return out
+
+
+def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: InstructConfig) -> dict:
+    from cmc_edge.eval.instructions import score
+    from cmc_edge.recipes.scaffold import answer_all, tokens_per_second
+    from cmc_edge.runtime.engine import Delta, Engine
+    from cmc_edge.runtime.target import TargetLLM
+
+    target = TargetLLM(model_path, n_ctx=1024, n_threads=2)
+    engine = Engine(target, [Delta(bundle, target, alpha=cfg.alpha)])
+    out = {"model": name}
+    for cond, a in (("base", 0.0), ("delta", cfg.alpha)):
+        answers = answer_all(engine, [it["prompt"] for it in items], alphas=[a], max_tokens=cfg.max_tokens, stop=(),
+                             desc=f"{name} {'with' if a else 'without'} delta")
+        rows = [{"prompt": it["prompt"], "output": ans.text, "verdicts": score(it, ans.text)}
+                for it, ans in zip(items, answers)]
+        out[cond] = {"prompt_strict": sum(all(v["strict"] for v in r["verdicts"]) for r in rows) / len(rows),
+                     "prompt_loose": sum(all(v["loose"] for v in r["verdicts"]) for r in rows) / len(rows),
+                     "tokens_per_s": tokens_per_second(answers), "samples": rows}
+    engine.close()
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'model':<9} {'delta':<6} {'followed, strict':>17} {'loose':>7} {'tok/s':>7}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        for cond in ("base", "delta"):
+            r = row[cond]
+            lines.append(f"{row['model']:<9} {'on' if cond == 'delta' else 'off':<6} {100 * r['prompt_strict']:>16.1f}% "
+                         f"{100 * r['prompt_loose']:>6.1f}% {r['tokens_per_s']:>7.1f}")
+    return "\n".join(lines)
+
+
+def run_instruct_recipe(cfg: InstructConfig) -> dict:
+    """The whole recipe in a new run directory: data, training, export, and the check on held-out
+    tasks for each model (``results.json``). IFEval itself: ``bench/ifeval.py --delta <bundle>``."""
+    from cmc_edge.eval.instructions import ensure_punkt
+    from cmc_edge.models import resolve_model
+    from cmc_edge.recipes.scaffold import Stopwatch, new_run_dir, template_answers, train_and_export, write_jsonl
+
+    ensure_punkt()                   # fail before the long part when the checker is missing
+    sw = Stopwatch()
+    run_dir = new_run_dir(cfg.out_root, "instruct")
+    paths = {m: resolve_model(m) for m in cfg.models}
+    train_tasks, held = split_tasks()
+    with sw("data_s"):
+        answers = template_answers(paths["smollm2"], [t for t, _ in TASKS], cfg.answer_tokens)
+        by_task = dict(zip(TASKS, answers))
+        sft, retain, stats = build_records(train_tasks, [by_task[t] for t in train_tasks], per_task=cfg.per_task,
+                                           seed=cfg.seed)
+        write_jsonl(run_dir / "sft.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in sft])
+        write_jsonl(run_dir / "retain.jsonl", retain)
+        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        items = check_items(held, [by_task[t] for t in held], seed=cfg.seed)
+        (run_dir / "check_items.json").write_text(json.dumps(items, indent=1) + "\n")
+    log.info("training data: %d constrained (sft), %d plain (retain); %d held-out check prompts",
+             len(sft), len(retain), len(items))
+    with sw("train_export_s"):
+        bundle = train_and_export(run_dir, paths["smollm2"], cfg.train_config(), roles=("sft", "retain"),
+                                  max_len=cfg.max_len)
+    rows = []
+    for name in cfg.models:
+        with sw(f"eval_{name}_s"):
+            rows.append(evaluate_model(name, paths[name], bundle, items, cfg))
+    timings = {**sw.seconds, "total_s": sw.total}
+    table = format_table(rows)
+    result = {"recipe": "instruct", "config": {k: (str(v) if isinstance(v, Path) else v)
+                                               for k, v in asdict(cfg).items()},
+              "data": stats, "check_items": len(items), "models": rows, "timings": timings, "table": table,
+              "bundle": str(bundle), "run_dir": str(run_dir)}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return result

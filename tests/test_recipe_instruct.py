@@ -1,0 +1,77 @@
+"""The instruction recipe's data: the template's answers edited by rule, kept only when IFEval's
+checker accepts them, never IFEval's prompts; and the recipe end to end on the tiny GGUF."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from cmc_edge.eval.instructions import score
+from cmc_edge.recipes import instruct as ins
+
+ANSWER = ("Bees need care, and they need it often. A beekeeper checks the hives every week. In summer, honey is "
+          "harvested from the frames. The work is calm but careful! Smoke keeps the bees quiet. Good keepers "
+          "write notes after each visit.")
+IFEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval" / "input_data.jsonl"
+
+
+def _verdicts(prompt, ids, kws, response):
+    return score({"key": 0, "prompt": prompt, "instruction_id_list": ids, "kwargs": kws}, response)
+
+
+@pytest.mark.parametrize("rule", ins.RULES, ids=lambda r: r.id)
+def test_each_rules_edit_follows_ifevals_checker_and_the_plain_answer_does_not(rule):
+    sents = ins.sentences(ANSWER)
+    for seed in range(4):
+        prompt, response, ids, kws = ins.constrained("Describe a beekeeper's week.", "The Bees", sents, [rule],
+                                                     random.Random(seed))
+        assert ids == [rule.id] and prompt.startswith("Describe a beekeeper's week. ")
+        assert all(v["strict"] for v in _verdicts(prompt, ids, kws, response)), (rule.id, kws, response)
+        if rule.id != "keywords:existence":          # the one rule whose kwargs come from the answer itself
+            assert not all(v["strict"] for v in _verdicts(prompt, ids, kws, ANSWER)), (rule.id, kws)
+
+
+def test_records_keep_only_answers_the_checker_accepts():
+    tasks = list(ins.TASKS[:6])
+    sft, retain, stats = ins.build_records(tasks, [ANSWER] * 6, per_task=5, seed=0)
+    assert [r["prompt"] for r in retain] == [t for t, _ in tasks] and all(r["response"] == ANSWER for r in retain)
+    assert len(sft) == stats["sft"] > 0
+    for r in sft:
+        assert all(v["strict"] for v in _verdicts(r["prompt"], r["instructions"], r["kwargs"], r["response"]))
+    assert sum(s["tried"] for s in stats["per_rule"].values()) >= 6 * 5
+    refused, retain2, _ = ins.build_records(tasks, [ANSWER] * 6, per_task=5, seed=0, check=lambda *a: False)
+    assert refused == [] and retain2 == retain
+    # an answer too short for a count (two or more bullets from one sentence) is dropped, not padded
+    short, _, st = ins.build_records(tasks, ["Only one sentence here."] * 6, per_task=20, seed=1)
+    assert st["per_rule"]["detectable_format:number_bullet_lists"]["tried"] > 0
+    assert st["per_rule"]["detectable_format:number_bullet_lists"]["kept"] == 0
+    assert not any("detectable_format:number_bullet_lists" in r["instructions"] for r in short)
+
+
+def test_held_out_tasks_are_never_trained():
+    train, held = ins.split_tasks()
+    assert len(held) >= 10 and not set(train) & set(held) and len(train) + len(held) == len(ins.TASKS)
+    sft, retain, _ = ins.build_records(train, [ANSWER] * len(train), per_task=4, seed=0)
+    items = ins.check_items(held, [ANSWER] * len(held), seed=0)
+    held_texts = [t for t, _ in held]
+    assert not any(r["prompt"].startswith(t) for r in sft + retain for t in held_texts)
+    assert items and all(any(it["prompt"].startswith(t + " ") for t in held_texts) for it in items)
+    assert all(it["instruction_id_list"] and len(it["kwargs"]) == len(it["instruction_id_list"]) for it in items)
+
+
+@pytest.mark.skipif(not IFEVAL.is_file(), reason="needs ../shared/data/ifeval beside the repository")
+def test_no_training_text_shares_five_words_with_an_ifeval_prompt():
+    def grams(text, n=5):
+        w = re.findall(r"[a-z0-9']+", text.lower())
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+    ifeval = set().union(*(grams(json.loads(line)["prompt"]) for line in IFEVAL.read_text().splitlines() if line))
+    ours = [t for t, _ in ins.TASKS] + [w for r in ins.RULES for w in r.wordings]
+    assert [t for t in ours if grams(t) & ifeval] == []
+    # the check itself bites: an IFEval sentence is found
+    first = json.loads(IFEVAL.read_text().splitlines()[0])["prompt"]
+    assert grams(first) & ifeval
