@@ -47,6 +47,7 @@ DEFAULT_PROMPTS = REPO.parent / "shared" / "data" / "ifeval" / "input_data.jsonl
 DEFAULT_SYSTEM = ("Follow the user's instructions exactly. Obey every constraint they state on format, length, "
                   "wording, case, punctuation and language.")
 CONFIGS = ("base", "delta", "base+system", "delta+system")
+BASE_TURN_STOP = ("\nQuestion:",)
 
 
 @dataclass(frozen=True)
@@ -147,26 +148,36 @@ def summarize(rows: list[dict]) -> dict:
 
 
 # -- generation ------------------------------------------------------------------------------------
-def answer(engine, record: dict, config: Config, max_tokens: int):
-    """The engine's greedy answer to one IFEval prompt under ``config`` (a finished ``Generation``)."""
+def answer(engine, record: dict, config: Config, max_tokens: int, base_layout: str = "line"):
+    """The engine's greedy answer to one IFEval prompt under ``config`` (a finished ``Generation``).
+
+    ``base_layout`` matters only for a model without a chat template (a base model): ``"line"`` is
+    the runtime's Question/Answer layout, which ends the answer at its first line break; ``"turn"``
+    is the same layout ended only where the model starts the next question (``\nQuestion:``), so
+    lists, paragraphs and postscripts can be written at all."""
+    from cmc_edge.prompt import QA_TEMPLATE
     from cmc_edge.runtime.engine import SamplingParams
 
     messages = [{"role": "user", "content": record["prompt"]}]
     if config.system is not None:
         messages.insert(0, {"role": "system", "content": config.system})
     alphas = [config.alpha] if engine.deltas else None
-    gen = engine.chat(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0), alphas=alphas)
+    params, template = SamplingParams(max_tokens=max_tokens, temperature=0.0), None
+    if base_layout == "turn" and not engine.target.metadata.get("tokenizer.chat_template"):
+        params, template = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=BASE_TURN_STOP), QA_TEMPLATE
+    gen = engine.chat(messages, params, alphas=alphas, chat_template=template)
     gen.read()
     return gen
 
 
-def run_config(engine, prompts: list[dict], config: Config, max_tokens: int, progress: bool = False) -> dict:
+def run_config(engine, prompts: list[dict], config: Config, max_tokens: int, progress: bool = False,
+               base_layout: str = "line") -> dict:
     """Answer and score every prompt under ``config``: ``{"summary", "wall_s", ..., "responses"}``."""
     from tqdm import tqdm
 
     rows, t0 = [], time.perf_counter()
     for rec in tqdm(prompts, desc=config.name, unit="prompt", disable=not progress, file=sys.stderr):
-        gen = answer(engine, rec, config, max_tokens)
+        gen = answer(engine, rec, config, max_tokens, base_layout)
         rows.append({"key": rec["key"], "response": gen.text, "finish_reason": gen.finish_reason,
                      "tokens": len(gen.tokens), "seconds": round(gen.seconds, 3), "verdicts": score(rec, gen.text)})
     wall = time.perf_counter() - t0
@@ -247,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="IFEval's input_data.jsonl")
     ap.add_argument("--limit", type=int, help="a fixed subset of N prompts, stratified by first instruction")
     ap.add_argument("--max-tokens", type=int, default=512, help="new-token budget per response")
+    ap.add_argument("--base-layout", choices=("line", "turn"), default="line",
+                    help="a base model's answer ends at its first line break (line, the runtime's layout) or "
+                         "where it starts the next question (turn)")
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--threads", type=int, help="llama.cpp threads (default: llama.cpp's)")
     ap.add_argument("--out", type=Path, help="JSON report (default: runs/ifeval/<model>-<UTC time>.json)")
@@ -281,13 +295,15 @@ def _run(args) -> int:
     engine = Engine(target, deltas)
     started = datetime.now(timezone.utc)
     try:
-        results = [run_config(engine, prompts, c, args.max_tokens, progress=not args.quiet) for c in configs]
+        results = [run_config(engine, prompts, c, args.max_tokens, progress=not args.quiet,
+                              base_layout=args.base_layout) for c in configs]
     finally:
         engine.close()
     report = {
         "benchmark": "IFEval", "prompts_file": str(args.prompts), "prompts": len(prompts), "of": len(everything),
         "limit": args.limit, "keys": [p["key"] for p in prompts], "model": args.model, "model_path": str(path),
-        "delta": str(args.delta) if args.delta else None, "max_tokens": args.max_tokens, "n_ctx": args.n_ctx,
+        "delta": str(args.delta) if args.delta else None, "max_tokens": args.max_tokens,
+        "base_layout": args.base_layout if not target.metadata.get("tokenizer.chat_template") else None, "n_ctx": args.n_ctx,
         "threads": target.llm.n_threads, "decoding": "greedy (temperature 0)",
         "checker": f"if-verifiable {metadata.version('if-verifiable')}",
         "started": started.isoformat(timespec="seconds"), "machine": machine(), "results": results,

