@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from cmc_edge.recipes.scaffold import RecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +32,19 @@ BAR = {
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    out_root: Path = Path("runs")
-    steps: int | None = None
-    seed: int = 0
+class DemoConfig(RecipeConfig):
     quick: bool = False
     n_forget: int = 6
-    alpha: float = 1.0
     objective: str = "unlearn-idk"
-    size: str = "15m"
     # Retain data held twice as hard as the default training's: at 1.0 the filter over-refused on
     # seed 2 (retain -29 / -23 points); at 2.0 seeds 2 and 3 (and 0) pass every bar (README).
     kl_weight: float = 2.0
-    lr: float = 2e-3
-    batch_size: int = 16
     broad_tokens: int = 48
     avoid_in_retain: bool = True
-    models: tuple[str, ...] = ("smollm2", "gemma3")
-    train_overrides: dict = field(default_factory=dict)
 
     @property
-    def train_steps(self) -> int:
-        return self.steps if self.steps is not None else (120 if self.quick else 300)
-
-    def train_config(self):
-        from cmc_edge.train.loop import TrainConfig
-
-        return TrainConfig(objective=self.objective, alpha=self.alpha, size=self.size, steps=self.train_steps,
-                           batch_size=self.batch_size, lr=self.lr, kl_weight=self.kl_weight, seed=self.seed,
-                           **self.train_overrides)
+    def default_steps(self) -> int:
+        return 120 if self.quick else 300
 
 
 def build_data(cfg: DemoConfig, template_path, run_dir: Path) -> dict:

@@ -280,11 +280,16 @@ def _phrase(rule: Rule, kw: dict, rng: random.Random) -> str:
     return w.format(**vals) if "{" in w else w
 
 
+def ask(task: str, title: str, sents: list[str], rules: list[Rule], rng: random.Random) -> tuple[str, list]:
+    """(prompt, kwargs): ``task`` with each rule's kwargs drawn and its wording appended."""
+    kws = [r.kwargs(rng, task, title, sents) for r in rules]
+    return task + " " + " ".join(_phrase(r, kw, rng) for r, kw in zip(rules, kws)), kws
+
+
 def constrained(task: str, title: str, sents: list[str], rules: list[Rule], rng: random.Random):
     """(prompt, response, ids, kwargs) for ``task`` with ``rules``, or None when an edit cannot apply.
     The response is the template's sentences edited by each rule in :data:`ORDER`."""
-    kws = [r.kwargs(rng, task, title, sents) for r in rules]
-    prompt = task + " " + " ".join(_phrase(r, kw, rng) for r, kw in zip(rules, kws))
+    prompt, kws = ask(task, title, sents, rules, rng)
     cur: list[str] | str = list(sents)
     for r, kw in sorted(zip(rules, kws), key=lambda p: ORDER.index(p[0].slot)):
         cur = r.edit(cur if isinstance(cur, list) else [cur], kw, task, title)
@@ -353,8 +358,7 @@ def check_items(tasks, answers, *, seed: int, per_task: int = 3) -> list[dict]:
         sents = sentences(answer)
         for _ in range(per_task):
             rules = pick_rules(rng)
-            kws = [r.kwargs(rng, task, title, sents) for r in rules]
-            prompt = task + " " + " ".join(_phrase(r, kw, rng) for r, kw in zip(rules, kws))
+            prompt, kws = ask(task, title, sents, rules, rng)
             out.append({"key": len(out), "prompt": prompt, "instruction_id_list": [r.id for r in rules],
                         "kwargs": kws})
     return out
