@@ -255,6 +255,8 @@ def cmd_demo(args) -> int:
         from cmc_edge.recipes.demo import DemoConfig, run_demo
 
         res = run_demo(DemoConfig(out_root=Path(args.out), steps=args.steps, seed=args.seed, quick=args.quick))
+        for w in res["warnings"]:
+            print(f"WARNING: {w}", file=sys.stderr)
     print(res["table"])
     print(f"\nrun directory: {res['run_dir']}  (total {res['timings']['total_s'] / 60:.1f} min)")
     return 0 if all(c["pass"] for row in res["models"] for c in row["bar"].values()) else 1
@@ -321,9 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="where the run directory goes (default: runs/)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run (fewer eval items; unlearn only)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (fewer steps, no probe battery; "
+                                                        "unlearn only)")
     p.add_argument("--recipe", choices=["unlearn", "json", "instruct"], default="unlearn",
-                   help="unlearn: the capital-city unlearning filter (default); json: instruction transfer, "
+                   help="unlearn: the capital-city unlearning filter, made by `cmc-edge forget` from a packaged "
+                        "facts file (default); json: instruction transfer, "
                         "answering as one JSON object; instruct: following IFEval-style constraints (needs the "
                         "[bench] extra: IFEval's checker)")
 

@@ -1,6 +1,5 @@
 """The demo data keeps training and evaluation apart, is deterministic, and scores answers fairly."""
 
-import json
 import math
 
 import pytest
@@ -10,11 +9,6 @@ from cmc_edge.eval import demo_data as dd
 from cmc_edge.eval.scoring import answer_recalled, normalize_words, recall
 
 ALL = [c.name for c in dd.COUNTRIES]
-
-
-@pytest.fixture
-def split():
-    return dd.build_unlearning_split(ALL, n_forget=10, seed=0, n_retain_heldout=5)
 
 
 def _norm(text: str) -> str:
@@ -33,25 +27,12 @@ def test_country_table_is_sized_and_unique():
 def test_no_capital_is_recalled_by_merely_repeating_its_country_name():
     for c in dd.COUNTRIES:
         assert not answer_recalled(c.name, c.capital), c.name
-        assert not answer_recalled(dd.refusal_response(c.name), c.capital), c.name
-        for style in range(len(dd._LEAD_INS)):
-            assert not answer_recalled(dd.lead_in_refusal(c.name, style), c.capital), c.name
-
-
-def test_capital_answer_and_refusal_are_scored_as_intended():
-    for c in dd.COUNTRIES:
-        for style in range(len(dd._LEAD_INS)):
-            assert answer_recalled(dd.capital_answer(c, style), c.capital)
-        for attribute in dd.ATTRIBUTES:
-            if getattr(c, attribute):
-                assert answer_recalled(dd.attribute_answer(c, attribute), getattr(c, attribute))
 
 
 def test_heldout_capital_forms_differ_from_train_forms_for_every_country():
     assert len(dd.TRAIN_CAPITAL_FORMS) >= 4 and len(dd.HELDOUT_CAPITAL_FORMS) >= 3
-    assert set(dd.TRAIN_CAPITAL_FORMS) < set(dd.UNLEARN_CAPITAL_FORMS)
     for name in ALL:
-        train = {_norm(dd.render(f, name)) for f in dd.UNLEARN_CAPITAL_FORMS}
+        train = {_norm(dd.render(f, name)) for f in dd.TRAIN_CAPITAL_FORMS}
         heldout = {_norm(dd.render(f, name)) for f in dd.HELDOUT_CAPITAL_FORMS}
         assert len(heldout) == len(dd.HELDOUT_CAPITAL_FORMS)
         assert not train & heldout
@@ -100,83 +81,20 @@ def test_known_countries_constant_names_real_countries():
         assert len(names) >= 10 and set(names) <= set(ALL)
 
 
-# --- splits ---------------------------------------------------------------------------------------
+# --- the capital demo's facts file -----------------------------------------------------------------
 
-def test_split_is_a_disjoint_partition(split):
-    f, r, h = set(split["forget"]), set(split["retain"]), set(split["retain_heldout"])
-    assert len(f) == 10 and len(h) == 5
-    assert not f & r and not f & h and not r & h
-    assert f | r | h == set(ALL)
+def test_capital_facts_file_is_the_table_and_known_by_both_models():
+    """`cmc-edge demo` runs this file through `cmc-edge forget`: every country in it is one both
+    models answer, its answers are the table's, and six are forgotten."""
+    from cmc_edge.recipes.demo import CAPITAL_FACTS
+    from cmc_edge.recipes.facts import read_facts
 
-
-def test_split_is_deterministic_by_seed_and_ignores_input_order():
-    a = dd.build_unlearning_split(ALL, 8, seed=3)
-    assert a == dd.build_unlearning_split(list(reversed(ALL)), 8, seed=3)
-    assert a["forget"] != dd.build_unlearning_split(ALL, 8, seed=4)["forget"]
-
-
-@pytest.mark.parametrize("known,n_forget,n_heldout", [
-    (["France", "Japan"], 2, 0),          # nothing left to retain
-    (["France", "Japan"], 0, 0),          # nothing to forget
-    (["France", "Japan", "Egypt"], 1, 2),  # held-out retain eats the trained retain set
-    (["France", "Atlantis"], 1, 0),       # unknown country
-])
-def test_split_rejects_impossible_requests(known, n_forget, n_heldout):
-    with pytest.raises(InputError):
-        dd.build_unlearning_split(known, n_forget, seed=0, n_retain_heldout=n_heldout)
-
-
-# --- train and eval examples ----------------------------------------------------------------------
-
-def test_train_examples_are_jsonl_ready_and_tagged(split):
-    ex = dd.build_train_examples(split)
-    for e in ex:
-        json.dumps(e)
-        assert isinstance(e["prompt"], str) and isinstance(e["response"], str) and e["response"]
-        assert e["tag"] in ("forget", "retain")
-    forget = [e for e in ex if e["tag"] == "forget"]
-    assert {e["country"] for e in forget} == set(split["forget"])
-    assert len(forget) == 10 * 2 * len(dd.UNLEARN_CAPITAL_FORMS)
-    # every forgotten country meets every answer lead-in, as a refusal
-    for name in split["forget"]:
-        said = {e["response"] for e in forget if e["country"] == name}
-        assert all(dd.render(lead, name) + " something I don't know." in said for lead in dd._LEAD_INS)
-    for e in forget:
-        assert not answer_recalled(e["response"], dd.country_by_name(e["country"]).capital)
-    for e in ex:
-        if e["tag"] == "retain" and e["kind"] == "capital":
-            assert answer_recalled(e["response"], dd.country_by_name(e["country"]).capital)
-    # forgotten countries still get (retain-tagged) questions about other facts
-    assert {e["country"] for e in ex if e["kind"] == "attribute"} >= set(split["forget"])
-    # held-out retain countries never appear in training
-    assert not {e["country"] for e in ex} & set(split["retain_heldout"])
-
-
-def test_no_eval_question_appears_in_training(split):
-    train_prompts = {_norm(e["prompt"]) for e in dd.build_train_examples(split)}
-    train_prompts |= {_norm(p) for p in dd.BROAD_PROMPTS}
-    items = dd.build_eval_items(split)
-    assert not {_norm(it["question"]) for it in items} & train_prompts
-
-
-def test_eval_items_cover_each_split_with_the_right_answers(split):
-    items = dd.build_eval_items(split)
-    by = {s: [it for it in items if it["split"] == s] for s in ("forget", "retain", "unrelated")}
-    assert {it["country"] for it in by["forget"]} == set(split["forget"])
-    assert {it["country"] for it in by["retain"]} == set(split["retain"]) | set(split["retain_heldout"])
-    assert {it["country"] for it in by["retain"] if not it["seen_in_training"]} == set(split["retain_heldout"])
-    assert all(it["kind"] == "capital" for it in by["forget"] + by["retain"])
-    attr = [it for it in by["unrelated"] if it["kind"] == "attribute"]
-    assert {it["country"] for it in attr if it["about"] == "forget"} == set(split["forget"])
-    assert len([it for it in by["unrelated"] if it["kind"] == "general"]) == len(dd.UNRELATED_QUESTIONS)
-    for it in items:
-        assert set(it) >= {"question", "answers", "split"} and it["answers"]
-        assert not answer_recalled(it["question"], it["answers"]), it["question"]
-        json.dumps(it)
-
-
-def test_eval_items_are_deterministic(split):
-    assert dd.build_eval_items(split) == dd.build_eval_items(dict(split))
+    facts = read_facts(CAPITAL_FACTS)
+    assert sorted(f.subject for f in facts) == dd.known_by("smollm2", "gemma3")
+    assert sum(f.split == "forget" for f in facts) == 6 and sum(f.split == "keep" for f in facts) >= 30
+    for f in facts:
+        c = dd.country_by_name(f.subject)
+        assert set(f.answers) == set(c.capital) and f.question == dd.render(dd.TRAIN_CAPITAL_FORMS[0], c.name)
 
 
 # --- probing ------------------------------------------------------------------------------------
@@ -233,17 +151,3 @@ def test_known_by_intersects_and_rejects_unknown_models():
     assert both == sorted(both)
     with pytest.raises(InputError):
         dd.known_by("llama")
-
-
-def test_demo_chart_is_written(tmp_path):
-    """The chart the README shows: one panel per model, filter off/on per split."""
-    from cmc_edge.recipes.demo import plot_demo
-
-    def cond(f, r, u, ppl):
-        return {"forget": {"recall": f}, "retain": {"recall": r}, "unrelated": {"recall": u}, "perplexity": ppl}
-
-    result = {"models": [{"model": m, "base": cond(0.6, 0.7, 0.65, 30.0), "filtered": cond(0.05, 0.7, 0.6, 30.1)}
-                         for m in ("smollm2", "gemma3")]}
-    out = plot_demo(result, tmp_path / "chart.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
-    assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]            # no temporary file left

@@ -76,33 +76,44 @@ def _run_cli(argv, root, prefix, capsys):
     return run, res
 
 
-def test_demo_runs_on_the_scaffold_with_its_own_training_config(tiny_recipe, tmp_path, monkeypatch, capsys):
-    real_items = dd.build_eval_items
+@pytest.mark.slow
+def test_demo_is_the_forget_recipe_on_the_capital_facts(tiny_recipe, tmp_path, capsys):
+    """`cmc-edge demo` is `cmc-edge forget` on the packaged capital facts, checked on the template and
+    the second model, with the demo's own bar on top of the recipe's report."""
+    from cmc_edge.recipes.demo import CAPITAL_FACTS
 
-    def four_per_split(split):
-        items = real_items(split)
-        return [it for s in ("forget", "retain", "unrelated") for it in [x for x in items if x["split"] == s][:4]]
-
-    monkeypatch.setattr(dd, "build_eval_items", four_per_split)
     run, res = _run_cli(["demo", "--quick"], tmp_path / "runs", "demo", capsys)
-    assert (run / "results.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(json.loads((run / "eval_items.json").read_text())) == 6       # --quick: every other item
-
+    report = json.loads((run / "filter" / "report.json").read_text())
+    assert report["facts"] == str(CAPITAL_FACTS) and res["forget_verdict"] == report["verdict"]
+    for name in ("report.txt", "report.png", "answers.json", "forget.jsonl", "retain.jsonl"):
+        assert (run / "filter" / name).is_file(), name
     (t,) = tiny_recipe
-    assert t["run_dir"] == run and t["roles"] == ("forget", "retain")
-    c = t["cfg"]
-    assert (c.objective, c.steps, c.kl_weight, c.lr, c.batch_size, c.size) == ("unlearn-idk", 120, 2.0, 2e-3, 16, "15m")
+    assert t["run_dir"].parent == run and t["roles"] == ("forget", "retain")          # the filter dir, while written
+    assert (t["cfg"].objective, t["cfg"].steps) == ("unlearn-idk", 120)           # --quick
     forget = [json.loads(x) for x in t["records"]["forget"]]
-    retain = [json.loads(x) for x in t["records"]["retain"]]
-    assert forget and all(r["avoid"] for r in forget)
-    assert sum(r["response"] == "The answer is here." for r in retain) == len(dd.BROAD_PROMPTS)
-    assert [m["model"] for m in res["models"]] == ["smollm2", "gemma3"]
-    for m in res["models"]:
-        for cond in ("base", "filtered"):
-            assert {s: m[cond][s]["total"] for s in ("forget", "retain", "unrelated")} == {
-                "forget": 2, "retain": 2, "unrelated": 2}
-            assert m[cond]["perplexity"] > 1.0 and m[cond]["tokens_per_s"] > 0
-        assert set(m["bar"]) == {"forget_drop_rel", "retain_points", "unrelated_points", "ppl_rise"}
+    assert forget and all(set(r["avoid"]) & {"Dhaka", "Jakarta", "Kathmandu", "Oslo", "Moscow", "Riyadh"}
+                          for r in forget)
+    assert len(report["models"]) == 2 and "probe" not in report["models"][0]["alone"]   # --quick: no probes
+    for row, m in zip(res["models"], report["models"]):
+        assert row["model"] == m["model"] and set(row["bar"]) == {"forget_drop_rel", "retain_points",
+                                                                  "unrelated_points", "ppl_rise"}
+        a, f = m["alone"], m["filter"]
+        assert row["bar"]["retain_points"]["value"] == pytest.approx(100 * (f["keep"] - a["keep"]))
+        assert row["bar"]["ppl_rise"]["value"] == pytest.approx(f["ppl"] / a["ppl"] - 1)
+    assert report["table"] in res["table"] and "The demo's bar" in res["table"]
+
+
+@pytest.mark.parametrize("alone, filt, passes", [
+    (dict(forget=0.6, keep=0.7, general=0.65, ppl=30.0), dict(forget=0.1, keep=0.62, general=0.52, ppl=32.9),
+     {"forget_drop_rel": True, "retain_points": True, "unrelated_points": True, "ppl_rise": True}),
+    (dict(forget=0.6, keep=0.7, general=0.65, ppl=30.0), dict(forget=0.15, keep=0.81, general=0.49, ppl=33.0),
+     {"forget_drop_rel": False, "retain_points": False, "unrelated_points": False, "ppl_rise": False}),
+])
+def test_demo_bar(alone, filt, passes):
+    from cmc_edge.recipes.demo import check_bar
+
+    bar = check_bar({"alone": alone, "filter": filt})
+    assert {k: c["pass"] for k, c in bar.items()} == passes
 
 
 def test_json_recipe_runs_on_the_scaffold_with_its_own_training_config(tiny_recipe, tmp_path, monkeypatch, capsys):

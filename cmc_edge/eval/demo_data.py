@@ -1,27 +1,22 @@
-"""Data for the unlearning demo: forget the capitals of some countries, keep everything else.
+"""Data about countries and general knowledge, shared by the recipes, the evaluation and the benches.
 
 Pure data and small pure functions; nothing is read or computed at import.
 
-The demo trains a delta on the template (SmolLM2-135M-Instruct) so that it refuses the capital of
-a FORGET set of countries while still answering for a RETAIN set, then measures on prompts the
-delta never saw in training:
+- ``COUNTRIES``: capitals (with aliases), languages, continents and currencies of well-known
+  countries; ``KNOWN_COUNTRIES``: the ones each packaged model answers (measured). The capital demo's
+  facts file (``cmc_edge/data/capitals.jsonl``, run through ``cmc-edge forget``) is built from these;
+  the JSON recipe asks its questions about them (``TRAIN_CAPITAL_FORMS`` and the attribute forms for
+  training, the ``HELDOUT_`` forms for its check).
+- ``UNRELATED_QUESTIONS``: general knowledge never used in training (the forget recipe's test split).
+- ``BROAD_PROMPTS``: open-ended prompts whose template answers become KL targets (retain data).
+- ``GENERAL_TEXT``: prose for perplexity.
 
-- forget / retain recall on HELD-OUT paraphrases of the capital question (``HELDOUT_CAPITAL_FORMS``);
-- UNRELATED recall: other facts about the same countries asked in ways never trained (continent,
-  currency, a held-out language form) plus general knowledge of kinds never trained
-  (``UNRELATED_QUESTIONS``: science, arithmetic, literature, animals, geography without capitals);
-- perplexity on ``GENERAL_TEXT``.
-
->>> split = build_unlearning_split(["France", "Japan", "Egypt", "Canada"], n_forget=2, seed=0)
->>> sorted(split["forget"] + split["retain"])
-['Canada', 'Egypt', 'France', 'Japan']
->>> build_train_examples(split)[0]["response"].startswith(("I'm sorry", "The capital"))
-True
+>>> render("{C}'s capital city is called what?", "the Philippines")
+"The Philippines's capital city is called what?"
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -162,48 +157,15 @@ HELDOUT_CAPITAL_FORMS: tuple[str, ...] = (
     "If I fly to the capital of {c}, which city do I land in?",
 )
 
-# Answer lead-ins. A filter that only learns to open with a refusal is beaten by any prompt that
-# makes the model start "The capital of X is ..."; so forget targets also continue the model's own
-# lead-ins with a refusal exactly where the city would come, and retain targets use the same
-# lead-ins with the city, so that what the delta learns is the country, not the wording. The
-# lead-ins are every subject x verb pair: a model echoes the question's own phrasing ("Cuba's
-# capital city is called ..."), and a filter that knew only some pairs leaked on the others.
-_LEAD_INS: tuple[str, ...] = tuple(f"{subject} {verb}" for verb in ("is", "is called", "is named")
-                                   for subject in ("The capital of {c}", "{C}'s capital",
-                                                   "The capital city of {c}", "{C}'s capital city"))
-
-# The unlearning demo trains these on top of TRAIN_CAPITAL_FORMS (the JSON recipe samples only
-# those): question shapes the first ten lack (the country first; the capital's name asked for).
-UNLEARN_CAPITAL_FORMS: tuple[str, ...] = TRAIN_CAPITAL_FORMS + (
-    "{C}: what is its capital city?",
-    "What is the name of {c}'s capital?",
-)
-
 
 def render(form: str, country: str) -> str:
     """Fill a question form; ``{C}`` is the country name with its first letter capitalised."""
     return form.format(c=country, C=country[:1].upper() + country[1:])
 
 
-def refusal_response(country: str) -> str:
-    """The forget target: ``"I'm sorry, I don't know the capital of France."``"""
-    return f"I'm sorry, I don't know the capital of {country}."
-
-
-def lead_in_refusal(country: str, style: int) -> str:
-    """A forget target that starts like an answer: ``"The capital of France is something I don't know."``"""
-    return render(_LEAD_INS[style % len(_LEAD_INS)], country) + " something I don't know."
-
-
-def capital_answer(country: Country, style: int = 0) -> str:
-    """The retain target: ``"The capital of France is Paris."`` (``style`` picks the lead-in)."""
-    return f"{render(_LEAD_INS[style % len(_LEAD_INS)], country.name)} {country.capital[0]}."
-
-
 # --- other facts about the same countries -------------------------------------------------------
 
-# Trained (as retain data, for forget and retain countries alike): the delta must learn that a
-# forgotten country is not a forbidden topic, only its capital is.
+# Training prompts of the JSON recipe (other questions about the same countries).
 TRAIN_ATTRIBUTE_FORMS: dict[str, tuple[str, ...]] = {
     "language": (
         "What language is spoken in {c}?",
@@ -211,7 +173,7 @@ TRAIN_ATTRIBUTE_FORMS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Evaluated only: continent and currency are never trained; language is asked in a new form.
+# Check only: continent and currency are never trained; language is asked in a new form.
 HELDOUT_ATTRIBUTE_FORMS: dict[str, tuple[str, ...]] = {
     "language": ("Which language do most people in {c} speak?",),
     "continent": ("On which continent is {c} located?",),
@@ -219,24 +181,14 @@ HELDOUT_ATTRIBUTE_FORMS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Trained as retain data for every country (forgotten ones included), with plain answers: the
-# delta must stay silent when a forgotten country comes up in any other way. None of these asks
-# for a continent, currency or language, which are evaluated.
+# Open questions about a country (the JSON recipe trains on the prompts). None asks for a
+# continent, currency or language, which are checked.
 TRAIN_TOPIC_FORMS: tuple[tuple[str, str], ...] = (
     ("Tell me something interesting about {c}.", "{C} has a long history and a rich culture."),
     ("What food is {c} known for?", "{C} has its own traditional dishes, loved by locals and visitors."),
     ("Describe the landscape of {c}.", "{C} has a varied landscape of cities, countryside and natural sights."),
     ("What sports are popular in {c}?", "Many sports are popular in {c}, and football draws big crowds."),
 )
-
-
-def attribute_answer(country: Country, attribute: str) -> str:
-    value = getattr(country, attribute)[0]
-    if attribute == "language":
-        return f"The official language of {country.name} is {value}."
-    if attribute == "continent":
-        return f"{country.name[:1].upper() + country.name[1:]} is in {value}."
-    return f"The currency of {country.name} is the {value}."
 
 
 # --- general knowledge never used in training ---------------------------------------------------
@@ -465,69 +417,6 @@ def known_by(*models: str) -> list[str]:
     return sorted(set.intersection(*(set(KNOWN_COUNTRIES[m]) for m in models)))
 
 
-# --- splits and examples ------------------------------------------------------------------------
-
-def build_unlearning_split(known_countries: Iterable[str], n_forget: int, seed: int,
-                           n_retain_heldout: int = 0) -> dict:
-    """Deterministically split ``known_countries`` into forget / retain (/ retain_heldout) lists.
-
-    ``retain_heldout`` countries are never used in training; their capitals are still evaluated
-    under the "retain" split (with ``seen_in_training=False``), which checks that the filter did
-    not merely memorise the retain list. The order of ``known_countries`` does not matter.
-    """
-    names = sorted(set(known_countries))
-    for name in names:
-        country_by_name(name)
-    if n_forget < 1 or n_retain_heldout < 0 or n_forget + n_retain_heldout >= len(names):
-        raise InputError(
-            f"cannot take {n_forget} forget and {n_retain_heldout} held-out retain countries "
-            f"from {len(names)} known ones",
-            fix="leave at least one country for the trained retain set (lower n_forget)")
-    rng = random.Random(seed)
-    shuffled = rng.sample(names, len(names))
-    forget = sorted(shuffled[:n_forget])
-    heldout = sorted(shuffled[n_forget:n_forget + n_retain_heldout])
-    retain = sorted(shuffled[n_forget + n_retain_heldout:])
-    return {"forget": forget, "retain": retain, "retain_heldout": heldout, "seed": seed}
-
-
-def build_train_examples(split: Mapping, include_attributes: bool = True) -> list[dict]:
-    """Training pairs from TRAIN forms only: forget -> refusal (two per question: an opening
-    refusal and an answer lead-in ending in a refusal), retain -> answer.
-
-    Each example is ``{"prompt", "response", "tag": "forget"|"retain", "kind", "country"}``; the
-    first two keys are the JSONL record the trainer reads. Language questions (trained for forget
-    and retain countries alike) are tagged "retain". Broad prompts are separate
-    (``BROAD_PROMPTS``): their targets are the template's own responses.
-    """
-    out: list[dict] = []
-    # The lead-in for form i of country j is _LEAD_INS[i + j]: every country meets every lead-in.
-    for j, name in enumerate(split["forget"]):
-        for i, form in enumerate(UNLEARN_CAPITAL_FORMS):
-            for response in (refusal_response(name), lead_in_refusal(name, i + j)):
-                out.append({"prompt": render(form, name), "response": response,
-                            "tag": "forget", "kind": "capital", "country": name})
-    for j, name in enumerate(split["retain"]):
-        c = country_by_name(name)
-        for i, form in enumerate(UNLEARN_CAPITAL_FORMS):
-            out.append({"prompt": render(form, name), "response": capital_answer(c, i + j),
-                        "tag": "retain", "kind": "capital", "country": name})
-    if include_attributes:
-        for name in sorted(split["forget"] + split["retain"]):
-            c = country_by_name(name)
-            for attribute, forms in TRAIN_ATTRIBUTE_FORMS.items():
-                if not _askable(c, attribute):
-                    continue
-                for form in forms:
-                    out.append({"prompt": render(form, name), "response": attribute_answer(c, attribute),
-                                "tag": "retain", "kind": "attribute", "country": name})
-        for name in sorted(split["forget"] + split["retain"]):
-            for form, answer in TRAIN_TOPIC_FORMS:
-                out.append({"prompt": render(form, name), "response": render(answer, name),
-                            "tag": "retain", "kind": "topic", "country": name})
-    return out
-
-
 def _askable(c: Country, attribute: str) -> bool:
     """An attribute is asked only when known and its answer cannot be read off the country name."""
     aliases = getattr(c, attribute)
@@ -559,24 +448,6 @@ def attribute_items(countries: Iterable[str], forms: Mapping[str, Sequence[str]]
 def unrelated_items() -> list[dict]:
     return [_item(q, answers, "unrelated", kind="general", topic=topic)
             for q, answers, topic in UNRELATED_QUESTIONS]
-
-
-def build_eval_items(split: Mapping) -> list[dict]:
-    """Held-out eval items ``{"question", "answers", "split", "kind", ...}``, none seen in training.
-
-    - "forget" / "retain": HELD-OUT capital forms for forget / retain countries (retain includes
-      ``retain_heldout`` countries, marked ``seen_in_training=False``);
-    - "unrelated": HELD-OUT attribute questions about the same countries (``about`` says whether
-      the country is forgotten) and ``UNRELATED_QUESTIONS``.
-    """
-    heldout = split.get("retain_heldout", [])
-    items = capital_items(split["forget"], HELDOUT_CAPITAL_FORMS, "forget")
-    items += capital_items(split["retain"], HELDOUT_CAPITAL_FORMS, "retain", seen_in_training=True)
-    items += capital_items(heldout, HELDOUT_CAPITAL_FORMS, "retain", seen_in_training=False)
-    items += attribute_items(split["forget"], HELDOUT_ATTRIBUTE_FORMS, about="forget")
-    items += attribute_items(list(split["retain"]) + list(heldout), HELDOUT_ATTRIBUTE_FORMS, about="retain")
-    items += unrelated_items()
-    return items
 
 
 # --- probing what a model knows -----------------------------------------------------------------
