@@ -52,6 +52,34 @@ def test_records_keep_only_answers_the_checker_accepts():
     assert not any("detectable_format:number_bullet_lists" in r["instructions"] for r in short)
 
 
+def test_template_words_are_kept_and_only_the_format_is_taught(tmp_path):
+    """Each edited answer marks the template's own words ``keep`` (held by KL, with the plain answer
+    as teacher), so cross-entropy falls on what the edit added; the trainer's reader accepts them."""
+    from cmc_edge.recipes.scaffold import write_jsonl
+    from cmc_edge.train.data import read_jsonl
+
+    sents = ins.sentences(ANSWER)
+    sft, _, _ = ins.build_records(list(ins.TASKS[:8]), [ANSWER] * 8, per_task=6, seed=0)
+    by_rule = {r["instructions"][0]: r for r in sft if len(r["instructions"]) == 1}
+    bullets = by_rule["detectable_format:number_bullet_lists"]
+    n = bullets["kwargs"][0]["num_bullets"]
+    assert bullets["keep"] == sents[:n] and bullets["teacher"] == " ".join(sents)
+    taught = bullets["response"]
+    for k in bullets["keep"]:
+        taught = taught.replace(k, "")
+    assert taught.split() == ["*"] * n                         # only the list marks are learnt
+    commas = by_rule["punctuation:no_comma"]
+    assert "Bees need care" in commas["keep"] and "and they need it often." in commas["keep"]
+    assert "keep" not in by_rule["change_case:english_capital"]    # no template word survives upper-casing
+    for r in sft:
+        assert all(k in r["response"] and k in r.get("teacher", "") for k in r.get("keep", ()))
+    write_jsonl(tmp_path / "sft.jsonl", [{k: r[k] for k in ("prompt", "response", "keep", "teacher") if k in r}
+                                         for r in sft])
+    assert len(read_jsonl(tmp_path / "sft.jsonl")) == len(sft)
+    plain, _, _ = ins.build_records(list(ins.TASKS[:8]), [ANSWER] * 8, per_task=6, seed=0, keep_words=False)
+    assert [r["response"] for r in plain] == [r["response"] for r in sft] and not any("keep" in r for r in plain)
+
+
 def test_held_out_tasks_are_never_trained():
     train, held = ins.split_tasks()
     assert len(held) >= 10 and not set(train) & set(held) and len(train) + len(held) == len(ins.TASKS)

@@ -41,6 +41,11 @@ class InstructConfig(RecipeConfig):
     answer_tokens: int = 120       # the template's answer to each task
     max_tokens: int = 200          # the check's answers
     max_len: int = 256
+    # The template's words in the edited answers held by KL (weight kl_weight), only the format learnt
+    # by CE: with CE on whole answers SmolLM2 + delta fell from 20 to 5% on IFEval's 20-prompt subset,
+    # answering other questions than asked (runs/instruct/instruct-20261202-020802).
+    keep_words: bool = True
+    kl_weight: float = 3.0
 
     def train_config(self, **extra):
         return super().train_config(max_len=self.max_len, **extra)
@@ -298,6 +303,22 @@ def constrained(task: str, title: str, sents: list[str], rules: list[Rule], rng:
     return prompt, _text(cur).strip(), [r.id for r in rules], kws
 
 
+def kept_spans(sents: list[str], response: str) -> list[str]:
+    """The template's own words in an edited answer: each sentence found whole in ``response``, else
+    its comma-separated pieces of two words or more that are (the comma rule cuts at commas). Marked
+    ``keep`` in training, these are held to the template (KL), so the delta learns the format the edit
+    added (list marks, dividers, titles, end phrases, where the answer ends), not the words.
+
+    >>> kept_spans(["Bees need care, and smoke calms them.", "Honey comes in summer."],
+    ...            "* Bees need care and smoke calms them.\\n* Honey comes in summer.")
+    ['Honey comes in summer.', 'Bees need care', 'and smoke calms them.']
+    """
+    whole = [x for x in sents if x in response]
+    pieces = [p for x in sents if x not in response for p in (y.strip() for y in x.split(","))
+              if len(p.split()) >= 2 and p in response]
+    return list(dict.fromkeys(whole + pieces))
+
+
 def pick_rules(rng: random.Random) -> list[Rule]:
     """One rule (60%) or two of different slots, never two wrappers around each other."""
     first = rng.choice(RULES)
@@ -308,10 +329,12 @@ def pick_rules(rng: random.Random) -> list[Rule]:
     return [first, rng.choice(others)]
 
 
-def build_records(tasks, answers, *, per_task: int, seed: int, check=None) -> tuple[list, list, dict]:
+def build_records(tasks, answers, *, per_task: int, seed: int, check=None,
+                  keep_words: bool = True) -> tuple[list, list, dict]:
     """(sft, retain, stats): each task with the template's answer as retain; ``per_task`` constrained
     prompts with edited answers as sft, each kept only when ``check`` (default: IFEval's checker,
-    strict) accepts every instruction."""
+    strict) accepts every instruction. With ``keep_words`` the template's words in an edited answer
+    are marked ``keep`` (:func:`kept_spans`), its plain answer as ``teacher``."""
     from cmc_edge.eval.instructions import score
 
     check = check or (lambda prompt, ids, kws, resp: all(
@@ -333,7 +356,12 @@ def build_records(tasks, answers, *, per_task: int, seed: int, check=None) -> tu
                 continue
             prompt, response, ids, kws = got
             if check(prompt, ids, kws, response):
-                sft.append({"prompt": prompt, "response": response, "instructions": ids, "kwargs": kws})
+                rec = {"prompt": prompt, "response": response, "instructions": ids, "kwargs": kws}
+                keep = kept_spans(sents, response) if keep_words else []
+                if keep:
+                    # Held to what the template says after the constrained prompt, in its own plain answer.
+                    rec["keep"], rec["teacher"] = keep, " ".join(sents)
+                sft.append(rec)
                 for i in ids:
                     kept[i] += 1
     stats = {"tasks": len(retain), "sft": len(sft), "retain": len(retain),
@@ -412,8 +440,9 @@ def run_instruct_recipe(cfg: InstructConfig) -> dict:
         answers = template_answers(paths["smollm2"], [t for t, _ in TASKS], cfg.answer_tokens)
         by_task = dict(zip(TASKS, answers))
         sft, retain, stats = build_records(train_tasks, [by_task[t] for t in train_tasks], per_task=cfg.per_task,
-                                           seed=cfg.seed)
-        write_jsonl(run_dir / "sft.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in sft])
+                                           seed=cfg.seed, keep_words=cfg.keep_words)
+        write_jsonl(run_dir / "sft.jsonl", [{k: r[k] for k in ("prompt", "response", "keep", "teacher") if k in r}
+                                            for r in sft])
         write_jsonl(run_dir / "retain.jsonl", retain)
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         items = check_items(held, [by_task[t] for t in held], seed=cfg.seed)
