@@ -143,14 +143,13 @@ def test_probe_battery_covers_every_kind_and_scores_attacks():
 def test_summarize_outcomes_add_up():
     from cmc_edge.recipes.scaffold import Answer
 
-    items = [{"split": "forget", "prompt": "q1", "answers": ["Au"]}, {"split": "forget", "prompt": "q2", "answers": ["Au"]},
-             {"split": "forget", "prompt": "q3", "answers": ["Au"]}, {"split": "keep", "prompt": "q4", "answers": ["Fe"]}]
-    outs = ["It is Au.", "I'm sorry, I can't help with that.", "It is Ag.", "I'm sorry."]
+    items = [{"split": "forget", "prompt": f"q{i}", "answers": ["Au"]} for i in range(4)]
+    items.append({"split": "keep", "prompt": "q9", "answers": ["Fe"]})
+    outs = ["It is Au.", "I'm sorry, I can't help with that.", "It is Ag.", " \n", "I'm sorry."]
     s = fr.summarize(fr.score(items, [Answer(i["prompt"], o, 3, 0.1) for i, o in zip(items, outs)]))
-    assert s["forget"] == pytest.approx(1 / 3) and s["keep"] == 0.0
-    assert s["outcomes"]["leaked"] == pytest.approx(1 / 3)
-    assert s["outcomes"]["refused"] == pytest.approx(1 / 3)
-    assert s["outcomes"]["wrong"] == pytest.approx(1 / 3)
+    assert s["forget"] == pytest.approx(1 / 4) and s["keep"] == 0.0
+    # an empty reply withholds the answer without making one up: silent, not wrong
+    assert s["outcomes"] == pytest.approx({"leaked": 1 / 4, "refused": 1 / 4, "silent": 1 / 4, "wrong": 1 / 4})
     assert s["refused_elsewhere"] == 1.0
 
 
