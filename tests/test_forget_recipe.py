@@ -286,28 +286,6 @@ def test_sibling_questions_ask_the_forgotten_wording_about_other_subjects():
     assert sorted(got) == sorted(fd.wrap(fd.TRAIN_WRAPPERS[i % len(fd.TRAIN_WRAPPERS)], q) for i, q in enumerate(cores))
 
 
-def test_cross_frame_questions_ask_forgotten_wordings_about_trained_kept_subjects():
-    """"What is the chemical symbol for carbon?" from a forgotten symbol question and a kept, trained
-    "atomic number of carbon" fact; never about a held-out kept fact, a forgotten subject or a fact's
-    own question; nothing for a set with one wording."""
-    def fact(q, a, split, subject):
-        return Fact(q, a, split, (), subject)
-
-    facts = [fact("What is the chemical symbol for copper?", "Cu", "forget", "copper"),
-             fact("What is the chemical symbol for silver?", "Ag", "keep", "silver"),
-             fact("What is the atomic number of carbon?", "6", "keep", "carbon"),
-             fact("What is the atomic number of oxygen?", "8", "keep", "oxygen"),
-             fact("What is the atomic number of copper?", "29", "keep", "copper")]
-    trained = [f for f in facts if f.subject != "oxygen"]              # oxygen: a held-out kept fact
-    got = fr.cross_frame_prompts(facts, trained)
-    assert any(q.endswith("What is the chemical symbol for carbon?") for q in got)
-    assert not any("oxygen" in q or "copper" in q or "silver" in q for q in got), got
-    assert len(got) == 1
-    assert fr.cross_frame_prompts(facts, trained, exclude=("How many protons does carbon have?",)) == []
-    one_wording = [facts[0], facts[1]]
-    assert fr.cross_frame_prompts(one_wording, one_wording) == []
-
-
 def test_siblings_are_retain_data_with_forgotten_answers_cut_and_avoided():
     facts = [Fact("Who wrote Hamlet?", "Shakespeare", "forget", (), "Hamlet")]
     sib = "Who wrote Macbeth?"

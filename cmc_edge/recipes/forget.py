@@ -158,34 +158,6 @@ def sibling_prompts(facts: list[Fact], answers: dict[str, str], *, per_fact: int
     return out
 
 
-def cross_frame_prompts(facts: list[Fact], trained: list[Fact], *, per_frame: int = 8,
-                        exclude: tuple[str, ...] = ()) -> list[str]:
-    """The forgotten questions' wordings asked about the subjects of *trained kept facts of other
-    kinds*: "What is the chemical symbol for carbon?" beside a forgotten "... for copper?" and a kept
-    "What is the atomic number of carbon?". Subjects of the user's own domain, which the template
-    names reliably (its own lists of siblings are often fragments). Never a held-out kept fact's
-    subject (it stays unseen), never a forgotten subject, never a fact's own question, never a
-    subject named in ``exclude`` (evaluation questions); at most ``per_frame`` per wording."""
-    unseen = {f.subject.casefold() for f in facts if f not in trained or f.split == "forget"}
-    own = {q.casefold() for f in facts for q in f.questions}
-    frames = list(dict.fromkeys(fr for f in facts if f.split == "forget" and (fr := question_frame(f))))
-    subjects = list(dict.fromkeys(f.subject for f in trained if f.split == "keep" and f.subject
-                                  and f.subject.casefold() not in unseen
-                                  and not any(fd.answer_span(q, [f.subject]) for q in exclude)))
-    out, k = [], 0
-    for frame in frames:
-        n = 0
-        for subject in subjects:
-            q = frame.replace("{s}", subject)
-            if q.casefold() in own or n == per_frame:
-                continue
-            own.add(q.casefold())
-            out.append(fd.wrap(fd.TRAIN_WRAPPERS[k % len(fd.TRAIN_WRAPPERS)], q))
-            k += 1
-            n += 1
-    return out
-
-
 def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
                   siblings: list[str] = ()) -> tuple[list, list, dict]:
     """Forget and retain training records from the facts and the template's answers
@@ -604,8 +576,7 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             eng = template_engine(template_path)
             got = answer_all(eng, asked, max_tokens=cfg.answer_tokens, stop=(), desc="template answers")
             answers = {a.prompt: a.text for a in got}
-            siblings = (sibling_prompts(facts, answers, exclude=_evaluated_questions())
-                        + cross_frame_prompts(facts, trained, exclude=_evaluated_questions()))
+            siblings = sibling_prompts(facts, answers, exclude=_evaluated_questions())
             got = answer_all(eng, siblings, max_tokens=cfg.answer_tokens, stop=(), desc="template answers (siblings)")
             answers.update({a.prompt: a.text for a in got})
             eng.close()
