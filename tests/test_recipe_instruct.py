@@ -73,8 +73,7 @@ def test_template_words_are_kept_and_only_the_format_is_taught(tmp_path):
     assert "keep" not in by_rule["change_case:english_capital"]    # no template word survives upper-casing
     for r in sft:
         assert all(k in r["response"] and k in r.get("teacher", "") for k in r.get("keep", ()))
-    write_jsonl(tmp_path / "sft.jsonl", [{k: r[k] for k in ("prompt", "response", "keep", "teacher") if k in r}
-                                         for r in sft])
+    write_jsonl(tmp_path / "sft.jsonl", [ins.training_record(r) for r in sft])
     assert len(read_jsonl(tmp_path / "sft.jsonl")) == len(sft)
     plain, _, _ = ins.build_records(list(ins.TASKS[:8]), [ANSWER] * 8, per_task=6, seed=0, keep_words=False)
     assert [r["response"] for r in plain] == [r["response"] for r in sft] and not any("keep" in r for r in plain)

@@ -319,6 +319,11 @@ def kept_spans(sents: list[str], response: str) -> list[str]:
     return list(dict.fromkeys(whole + pieces))
 
 
+def training_record(rec: dict) -> dict:
+    """What the trainer reads of an sft record (its checker fields dropped)."""
+    return {k: rec[k] for k in ("prompt", "response", "keep", "teacher") if k in rec}
+
+
 def pick_rules(rng: random.Random) -> list[Rule]:
     """One rule (60%) or two of different slots, never two wrappers around each other."""
     first = rng.choice(RULES)
@@ -441,8 +446,7 @@ def run_instruct_recipe(cfg: InstructConfig) -> dict:
         by_task = dict(zip(TASKS, answers))
         sft, retain, stats = build_records(train_tasks, [by_task[t] for t in train_tasks], per_task=cfg.per_task,
                                            seed=cfg.seed, keep_words=cfg.keep_words)
-        write_jsonl(run_dir / "sft.jsonl", [{k: r[k] for k in ("prompt", "response", "keep", "teacher") if k in r}
-                                            for r in sft])
+        write_jsonl(run_dir / "sft.jsonl", [training_record(r) for r in sft])
         write_jsonl(run_dir / "retain.jsonl", retain)
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         items = check_items(held, [by_task[t] for t in held], seed=cfg.seed)
