@@ -80,15 +80,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     """``cmc-edge forget`` on the capital facts into ``<run dir>/filter``, then the demo's bar.
     Returns the result (also ``results.json`` in a new run directory under ``cfg.out_root``)."""
     from cmc_edge.recipes.forget import run_forget
-    from cmc_edge.recipes.scaffold import new_run_dir
+    from cmc_edge.recipes.scaffold import jsonable, new_run_dir
 
     run_dir = new_run_dir(cfg.out_root, "demo")
     report = run_forget(cfg.facts, run_dir / "filter", cfg.forget_config())
     rows = [{"model": m["model"], "bar": check_bar(m)} for m in report["models"]]
     table = (f"{report['table']}\n\nThe demo's bar (the model alone against it with the filter):\n"
              f"{format_bar(rows)}")
-    result = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "facts": str(cfg.facts),
-              "models": rows, "forget_verdict": report["verdict"], "warnings": report["warnings"], "alpha": report["alpha"],
+    result = {"config": jsonable(asdict(cfg)), "facts": str(cfg.facts),
+              "models": rows, "forget_verdict": report["verdict"], "warnings": report["warnings"],
+              "alpha": report["alpha"],
               "table": table, "bundle": report["bundle"], "report": str(run_dir / "filter" / "report.json"),
               "timings": {**{f"{k}_s": v for k, v in report["timings"].items() if k != "total"},
                           "total_s": report["timings"]["total"]},

@@ -476,7 +476,7 @@ def format_report(result: dict) -> str:
             ppl = r.get("ppl")
             lines.append(f"{Path(m['model']).stem[:10]:<10} {cond:<10} {_pct(r.get('forget')):>7} {_pct(r.get('probe')):>7} "
                          f"{_pct(r.get('keep')):>7} {_pct(r.get('general')):>8} {_pct(r['refused_elsewhere']):>8} "
-                         f"{_pct(o['leaked']):>7} {_pct(o['refused']):>8} {_pct(o.get('silent')):>7} {_pct(o['wrong']):>7} "
+                         f"{_pct(o['leaked']):>7} {_pct(o['refused']):>8} {_pct(o['silent']):>7} {_pct(o['wrong']):>7} "
                          f"{'inf' if ppl == math.inf else f'{ppl:.2f}':>8}")
     lines.append("")
     lines.append("forget/keep/general: the answer given (held-out wrappers; general = never-trained facts); probes: "
@@ -541,7 +541,7 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     from cmc_edge.export.bundle import set_default_alpha
     from cmc_edge.models import resolve_model
     from cmc_edge.recipes.facts import read_facts
-    from cmc_edge.recipes.scaffold import Stopwatch, answer_all, template_engine, train_and_export
+    from cmc_edge.recipes.scaffold import Stopwatch, answer_all, jsonable, template_engine, train_and_export
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.train.loop import TrainConfig
 
@@ -646,7 +646,7 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                 warnings.append(f"{m['model']}: the filter damages what it should leave alone ({', '.join(bad)})")
         result = {"recipe": "forget", "facts": str(facts_path), "bundle": str(out / "bundle"), "alpha": alpha,
                   "status": status, "validation": {str(a): m for a, m in measured.items()},
-                  "validation_reasons": reasons, "training_data": stats, "config": _jsonable(asdict(cfg)),
+                  "validation_reasons": reasons, "training_data": stats, "config": jsonable(asdict(cfg)),
                   "models": models, "verdict": verdict, "warnings": warnings,
                   "timings": {**sw.seconds, "total": round(sw.total, 1)}}
         table = format_report(result)
@@ -664,7 +664,3 @@ def _evaluated_questions() -> tuple[str, ...]:
     from cmc_edge.eval.demo_data import UNRELATED_QUESTIONS
 
     return tuple(q for q, *_ in UNRELATED_QUESTIONS) + tuple(q for q, _ in fd.VALIDATION_GENERAL)
-
-
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=str))

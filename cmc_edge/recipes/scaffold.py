@@ -98,6 +98,11 @@ def new_run_dir(root, prefix: str) -> Path:
     raise FileExistsError(f"{stamp}: no free run directory name")
 
 
+def jsonable(d: dict) -> dict:
+    """``d`` as JSON would give it back: paths and other non-JSON values as strings (for a report's config)."""
+    return json.loads(json.dumps(d, default=str))
+
+
 def write_jsonl(path: Path, rows) -> Path:
     """One JSON object per line (UTF-8, not escaped): a recipe's training records."""
     Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
