@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class ForgetConfig:
     answer_tokens: int = 32
     check_tokens: int = 24
     probes: bool = True
+    # Prompts answered side by side (one llama.cpp batch) in the recipe's data, validation and
+    # checks: ~2x faster on 2 cores than one by one; 1 decodes them one after another.
+    side_by_side: int = 8
     seed: int = 0
     size: str = "15m"
     keep_prompts: tuple[str, ...] = ()
@@ -442,12 +446,13 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
            "banned_tokens": len(bans)}
     rows = {}
     for cond, a, bias in (("alone", 0.0, ()), ("filter", alpha, ()), ("blocklist", 0.0, tuple((t, -math.inf) for t in bans))):
+        t0 = time.perf_counter()
         answers = answer_all(engine, prompts, alphas=[a], max_tokens=cfg.check_tokens, logit_bias=bias,
-                             desc=f"{name} {cond}")
+                             desc=f"{name} {cond}", side_by_side=cfg.side_by_side)
+        secs = time.perf_counter() - t0
         rows[cond] = score(items, answers)
         out[cond] = summarize(rows[cond])
-        secs = sum(x.seconds for x in answers)
-        out[cond]["tokens_per_s"] = sum(x.tokens for x in answers) / secs if secs else float("nan")
+        out[cond]["tokens_per_s"] = sum(x.tokens for x in answers) / secs    # throughput, prompts included
         if cond != "blocklist":
             out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
     prose = set(target.tokenize(text))
@@ -574,10 +579,12 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                      + broad)
             asked = list(dict.fromkeys(asked))
             eng = template_engine(template_path)
-            got = answer_all(eng, asked, max_tokens=cfg.answer_tokens, stop=(), desc="template answers")
+            got = answer_all(eng, asked, max_tokens=cfg.answer_tokens, stop=(), desc="template answers",
+                             side_by_side=cfg.side_by_side)
             answers = {a.prompt: a.text for a in got}
             siblings = sibling_prompts(facts, answers, exclude=_evaluated_questions())
-            got = answer_all(eng, siblings, max_tokens=cfg.answer_tokens, stop=(), desc="template answers (siblings)")
+            got = answer_all(eng, siblings, max_tokens=cfg.answer_tokens, stop=(), desc="template answers (siblings)",
+                             side_by_side=cfg.side_by_side)
             answers.update({a.prompt: a.text for a in got})
             eng.close()
             del eng
@@ -605,6 +612,7 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             measured, vrows = {}, {}
             for a in (0.0, *sorted(cfg.alphas)):
                 got = answer_all(engine, [it["prompt"] for it in vitems], alphas=[a], max_tokens=cfg.check_tokens,
+                                 side_by_side=cfg.side_by_side,
                                  desc=f"validation alpha={a:g}")
                 vrows[a] = score(vitems, got)
                 measured[a] = summarize([r for r in vrows[a] if r["split"] != "broad"])

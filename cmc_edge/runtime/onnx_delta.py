@@ -20,6 +20,7 @@ slices them.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Literal, Sequence
@@ -103,6 +104,15 @@ class OnnxDelta:
         self._buffers = None                 # the shared cache, allocated on first use
         self._step_io = None                 # the single-token binding over it (see _step)
         self.reset()
+
+    def fork(self) -> "OnnxDelta":
+        """Another cache on the same onnxruntime session (its graph and weights shared): one per
+        sequence when several generations run side by side. Starts empty."""
+        other = copy.copy(self)
+        other._binding = self.session.io_binding()
+        other._buffers = other._step_io = None
+        other.reset()
+        return other
 
     # -- state -------------------------------------------------------------------------------
     @property

@@ -52,6 +52,7 @@ class TargetLLM:
         self.n_ctx = self.llm.n_ctx()
         self._pieces: dict[int, bytes] = {}
         self._control: dict[str, int] | None = None
+        self._batches: dict[tuple[int, int], "SeqBatch"] = {}
         self.metadata = dict(self.llm.metadata)
 
     # -- vocabulary --------------------------------------------------------------------------
@@ -111,8 +112,19 @@ class TargetLLM:
         return self._control
 
     def close(self) -> None:
-        """Free llama.cpp's model and context now (not at garbage collection)."""
+        """Free llama.cpp's model and contexts now (not at garbage collection)."""
+        for b in self._batches.values():
+            b.close()
+        self._batches.clear()
         self.llm.close()
+
+    def seq_batch(self, n_seq: int, n_ctx_seq: int | None = None) -> "SeqBatch":
+        """A second llama.cpp context on the same weights that holds ``n_seq`` sequences of up to
+        ``n_ctx_seq`` tokens each (default: this model's context), made once and kept."""
+        key = (n_seq, n_ctx_seq or self.n_ctx)
+        if key not in self._batches:
+            self._batches[key] = SeqBatch(self, *key)
+        return self._batches[key]
 
     # -- logits ------------------------------------------------------------------------------
     def last_logits(self) -> np.ndarray:
@@ -157,3 +169,93 @@ class TargetLLM:
             self._qa_logged = True
             log.info("%s has no chat template; using the Question/Answer layout for base models", self.path.name)
         return PromptFormat(chat_template=QA_TEMPLATE, stop=QA_STOP)
+
+
+class SeqBatch:
+    """Many sequences decoded side by side: one llama.cpp context (on the target's weights) whose
+    KV cache holds ``n_seq`` sequences, each in its own stream; the new tokens of all of them go
+    into one ``llama_decode``.
+
+    On 2 CPU cores a decode of 8 tokens costs about 2.5x one of 1 token (SmolLM2: 79 -> 222
+    tokens/s; Gemma 3: 54 -> 177). A sequence given a new prompt keeps the part its cache shares
+    with it (the chat layout's system turn and lead-in), so only the rest is evaluated. Each
+    sequence sees only its own tokens; the logits are llama.cpp's batched arithmetic, which may
+    differ from a one-token decode in the last bits.
+    """
+
+    def __init__(self, target: TargetLLM, n_seq: int, n_ctx_seq: int):
+        from llama_cpp import _internals
+
+        if n_seq < 1 or n_ctx_seq < 1:
+            raise InputError(f"a batch needs >= 1 sequence of >= 1 token, got {n_seq} x {n_ctx_seq}",
+                             fix="e.g. 8 sequences")
+        lib = target._lib
+        src = target.llm.context_params
+        params = type(src).from_buffer_copy(src)
+        params.n_ctx = n_seq * n_ctx_seq
+        params.n_seq_max = n_seq
+        # A cache per sequence: attention reads only its own cells. (One unified cache for all
+        # made every decode attend over all of them: slower, and answers drifted from one-by-one.)
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = 512
+        self.target, self.n_seq, self.n_ctx_seq, self.n_batch = target, n_seq, n_ctx_seq, 512
+        self._lib = lib
+        try:
+            self._ctx = _internals.LlamaContext(model=target.llm._model, params=params, verbose=False)
+        except ValueError as exc:
+            raise InputError(f"llama.cpp could not make a context for {n_seq} sequences of {n_ctx_seq} tokens: {exc}",
+                             fix="use fewer sequences side by side") from exc
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self.held: list[list[int]] = [[] for _ in range(n_seq)]        # the tokens each sequence's cache holds
+        self._closed = False
+
+    def begin(self, seq: int, prompt: Sequence[int]) -> list[int]:
+        """Start sequence ``seq`` on ``prompt``: keep the cached tokens it begins with, drop the
+        rest; return the tokens still to evaluate (never none: the last one gives the logits)."""
+        if not prompt or len(prompt) > self.n_ctx_seq:
+            raise InputError(f"a prompt of {len(prompt)} tokens for sequences of {self.n_ctx_seq}",
+                             fix="shorten the prompt or raise the context")
+        held, keep = self.held[seq], 0
+        for a, b in zip(held, prompt[:-1]):
+            if a != b:
+                break
+            keep += 1
+        if keep < len(held) and not self._lib.llama_memory_seq_rm(self._ctx.memory, seq, keep, -1):
+            self._lib.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)    # no partial removal here: start over
+            keep = 0
+        self.held[seq] = list(prompt[:keep])
+        return list(prompt[keep:])
+
+    def decode(self, parts: dict[int, Sequence[int]]) -> dict[int, np.ndarray]:
+        """Evaluate ``tokens`` after what sequence ``seq`` holds, for each ``{seq: tokens}``; return
+        the logits after each part's last token, ``{seq: (V,) float32 copy}``. Parts are packed
+        into decodes of at most ``n_batch`` tokens."""
+        for seq, toks in parts.items():
+            if not toks or len(self.held[seq]) + len(toks) > self.n_ctx_seq:
+                raise InputError(f"sequence {seq} needs {len(self.held[seq]) + len(toks)} tokens; it holds "
+                                 f"{self.n_ctx_seq}", fix="shorten the prompt or raise the context")
+        flat = [(seq, len(self.held[seq]) + k, int(t), k == len(toks) - 1)
+                for seq, toks in parts.items() for k, t in enumerate(toks)]
+        out: dict[int, np.ndarray] = {}
+        b, V = self._batch, self.target.n_vocab
+        for s in range(0, len(flat), self.n_batch):
+            chunk = flat[s:s + self.n_batch]
+            for i, (seq, pos, tok, last) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, last
+                b.seq_id[i][0] = seq
+            b.n_tokens = len(chunk)
+            rc = self._lib.llama_decode(self._ctx.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            for i, (seq, _, tok, last) in enumerate(chunk):
+                self.held[seq].append(tok)
+                if last:
+                    ptr = self._lib.llama_get_logits_ith(self._ctx.ctx, i)
+                    out[seq] = np.ctypeslib.as_array(ptr, shape=(V,)).copy()
+        return out
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._lib.llama_batch_free(self._batch)
+            self._ctx.close()

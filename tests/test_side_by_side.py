@@ -1,0 +1,104 @@
+"""Many prompts decoded side by side (Engine.generate_many over a SeqBatch) give the answers of one
+by one, reuse what a sequence's cache shares with its next prompt, and fail closed."""
+
+import math
+
+import numpy as np
+import pytest
+
+from cmc_edge.errors import DeltaFault, InputError
+from cmc_edge.runtime.engine import Engine, SamplingParams
+from cmc_edge.runtime.target import TargetLLM
+
+PROMPTS = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in (
+    "The capital of France", "hello", "Who wrote Hamlet?", "2 + 2 =", "Name a colour", "a", "Tell me a story",
+    "What is the chemical symbol for gold?", "bonjour", "Count to five", "zzz")]
+
+
+def engines(tiny_gguf, tmp_path, with_delta):
+    from cmc_edge.runtime.engine import Delta
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    deltas = []
+    if with_delta:
+        from tiny_checkpoint import make_tiny_bundle
+
+        deltas = [Delta(make_tiny_bundle(tmp_path / "b"), target, alpha=3.0)]
+    return Engine(target, deltas)
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_side_by_side_gives_the_one_by_one_answers(tiny_gguf, tmp_path, with_delta):
+    eng = engines(tiny_gguf, tmp_path, with_delta)
+    first = eng.generate(PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.0))
+    first.read()
+    ban = tuple((t, -math.inf) for t in sorted(set(first.tokens))[:2])
+    params = SamplingParams(max_tokens=16, temperature=0.0, stop=("e",), logit_bias=ban)
+    serial = []
+    for p in PROMPTS:
+        g = eng.generate(p, params)
+        g.read()
+        serial.append(g)
+    done = []
+    many = eng.generate_many(PROMPTS, params, n_seq=4, on_done=lambda i, g: done.append(i))
+    assert sorted(done) == list(range(len(PROMPTS)))       # every prompt reported once, as it finished
+    # 11 prompts through 4 sequences: each sequence is reused, keeping the shared chat lead-in.
+    for s, g in zip(serial, many):
+        assert (g.tokens, g.text, g.finish_reason) == (s.tokens, s.text, s.finish_reason)
+        assert not set(g.tokens) & {t for t, _ in ban}
+    assert {g.finish_reason for g in many} >= {"length"}
+
+
+def test_a_sequence_keeps_the_prefix_it_shares_with_its_next_prompt(tiny_gguf):
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    batch = target.seq_batch(2)
+    a, b = target.tokenize(PROMPTS[1]), target.tokenize(PROMPTS[2])
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert batch.begin(0, a) == a
+    batch.decode({0: a})
+    assert batch.begin(0, b) == b[shared:]                  # only the new part is evaluated
+    reused = batch.decode({0: b[shared:]})[0]
+    assert batch.begin(1, b) == b                           # another sequence: nothing cached
+    fresh = batch.decode({1: b})[1]
+    assert np.allclose(reused, fresh, atol=1e-3)
+    assert batch.begin(0, b) == b[-1:]                       # the same prompt again: its last token gives the logits
+
+
+def test_side_by_side_is_greedy_only(tiny_gguf):
+    eng = Engine(TargetLLM(tiny_gguf, n_ctx=256, n_threads=1))
+    with pytest.raises(InputError, match="greedily"):
+        eng.generate_many(PROMPTS[:2], SamplingParams(max_tokens=4, temperature=0.8))
+    with pytest.raises(InputError, match="context"):
+        eng.generate_many(["word " * 300], SamplingParams(max_tokens=4, temperature=0.0))
+
+
+def test_a_delta_fault_stops_every_sequence(tiny_gguf):
+    from test_fail_closed import FaultyDelta, FaultyModel
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+
+    class Forking(FaultyDelta):
+        def __init__(self, vocab):
+            super().__init__(vocab, ok_calls=3, mode="raise")
+            self.session.fork = lambda: FaultyModel(vocab, ok_calls=3, mode="raise")
+
+        def tracker(self, prompt, session=None):
+            from cmc_edge.runtime.sync import DeltaTracker
+
+            session = session or self.session
+            session.reset()
+            return DeltaTracker(session, lambda s: [ord(c) % 200 for c in s], [1, 2, 3])
+
+    eng = Engine(target, [Forking(target.n_vocab)])
+    with pytest.raises(DeltaFault, match="exploded"):
+        eng.generate_many(PROMPTS[:5], SamplingParams(max_tokens=20, temperature=0.0), n_seq=3)
+
+
+def test_answer_all_side_by_side_matches_one_by_one(tiny_gguf):
+    from cmc_edge.recipes.scaffold import answer_all
+
+    eng = Engine(TargetLLM(tiny_gguf, n_ctx=256, n_threads=1))
+    qs = ["hello", "Who wrote Hamlet?", "2 + 2 =", "a", "bonjour"]
+    one = answer_all(eng, qs, max_tokens=10, stop=())
+    many = answer_all(eng, qs, max_tokens=10, stop=(), side_by_side=3)
+    assert [(a.prompt, a.text, a.tokens) for a in one] == [(a.prompt, a.text, a.tokens) for a in many]
