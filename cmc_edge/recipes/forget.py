@@ -631,7 +631,8 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             text = "\n\n".join(GENERAL_TEXT)
             models, rows = [], {}
             for name in check:
-                res, rows[name] = check_model(name, bundle, items, alpha, facts, cfg, text)
+                with sw(f"check {name}"):
+                    res, rows[name] = check_model(name, bundle, items, alpha, facts, cfg, text)
                 models.append(res)
         # PASS needs every check to pass and forgetting measured on at least one model; a filter whose
         # forgetting no model could show (facts none of them knew) is UNVERIFIED, never PASS.
