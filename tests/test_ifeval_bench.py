@@ -158,6 +158,22 @@ def test_a_delta_changes_the_answers_and_alpha_zero_is_the_model_alone(ifeval, t
     assert on != base
 
 
+def test_side_by_side_answers_are_the_one_by_one_answers(ifeval, tiny_gguf, bundle):
+    from cmc_edge.runtime.engine import Delta, Engine
+    from cmc_edge.runtime.target import TargetLLM
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    eng = Engine(target, [Delta(bundle, target)])
+    recs = [record(i, ["punctuation:no_comma"], prompt=p) for i, p in enumerate(
+        ["The capital of France", "Hello world", "Write a poem", "List three colours", "Why?"])]
+    for config in (ifeval.Config("base", 0.0, None), ifeval.Config("delta+system", 20.0, "Be brief.")):
+        one = ifeval.run_config(eng, recs, config, 12)
+        many = ifeval.run_config(eng, recs, config, 12, side_by_side=3)
+        assert many["side_by_side"] == 3
+        assert [(r["response"], r["verdicts"]) for r in one["responses"]] == \
+            [(r["response"], r["verdicts"]) for r in many["responses"]]
+
+
 def test_a_system_prompt_reaches_the_model(ifeval, tiny_gguf):
     from cmc_edge.runtime.engine import Engine
     from cmc_edge.runtime.target import TargetLLM
