@@ -248,6 +248,8 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
     bundle = load_bundle(out / "bundle")
     assert bundle.default_alpha == rep["alpha"] and "validation" in bundle.manifest["default_alpha_reason"]
     assert bundle.manifest["objective"] == "unlearn-idk"          # so `serve` enforces it by default
+    # answered 8 prompts at a time by default; the check's time is reported per model
+    assert rep["config"]["side_by_side"] == 8 and f"check {tiny_gguf}" in rep["timings"]
     rows = json.loads((out / "answers.json").read_text())["test"][str(tiny_gguf)]
     assert {"alone", "filter", "blocklist"} <= set(rows) and all(len(v) == len(rows["alone"]) for v in rows.values())
     # an existing output is never overwritten by accident
@@ -317,3 +319,10 @@ def test_held_out_kept_facts_are_never_trained_and_judge_the_strength():
     fine = {**BASE, "forget": 0.0, "kin": 1.0}
     assert fr.choose_alpha({0.0: base, 1.0: hurt})[1] == "collapse"
     assert fr.choose_alpha({0.0: base, 1.0: fine})[:2] == (1.0, "ok")
+
+
+@pytest.mark.parametrize("kw, words", [({"side_by_side": 0}, "side-by-side"), ({"side_by_side": 2.5}, "side-by-side"),
+                                       ({"steps": 0}, "steps"), ({"alphas": ()}, "alphas")])
+def test_bad_recipe_settings_name_the_flag(kw, words):
+    with pytest.raises(InputError, match=words):
+        fr.ForgetConfig(**kw)

@@ -72,6 +72,9 @@ class ForgetConfig:
             raise InputError(f"alphas must be positive numbers, got {self.alphas}", fix="e.g. --alpha 0.5 --alpha 1")
         if self.steps < 1:
             raise InputError("--steps must be >= 1", fix="pass a positive number of training steps")
+        if not (isinstance(self.side_by_side, int) and self.side_by_side >= 1):
+            raise InputError(f"--side-by-side must be a whole number >= 1, got {self.side_by_side!r}",
+                             fix="e.g. --side-by-side 8 (1 answers one prompt at a time)")
 
 
 # --- data ---------------------------------------------------------------------------------------
