@@ -62,7 +62,7 @@ def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None
     """Greedy answers of ``engine`` to each prompt as a user turn (``alphas``: the deltas' strength,
     None for theirs; ``logit_bias``: token bans, the blocklist baseline). The one answer loop of
     every recipe. ``side_by_side`` > 1 decodes that many prompts at once
-    (:meth:`~cmc_edge.runtime.engine.Engine.generate_many`: ~3x the throughput on 2 cores; an
+    (:meth:`~cmc_edge.runtime.engine.Engine.generate_many`: 1.2-2x faster on 2 cores for short answers; an
     answer's ``seconds`` then overlap with the others', so time the whole call for a speed)."""
     from tqdm.auto import tqdm
 

@@ -344,12 +344,10 @@ class Engine:
         never slides past the start of the prompt. A prompt longer than its window is an
         :class:`InputError`, and generation ends (finish reason "length") before a token would be
         sampled with the start out of its sight."""
-        if alphas is not None and len(alphas) != len(self.deltas):
-            raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
         if whole is not None and len(whole) != len(self.deltas):
             raise InputError(f"{len(whole)} whole-view flags given for {len(self.deltas)} deltas",
                              fix="give one flag per delta")
-        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+        alphas = self._alphas(alphas)
         enc = prompt if isinstance(prompt, EncodedPrompt) else self.encode(prompt, delta_prompts)
         gen = Generation(prompt_tokens=len(enc.target))
         gen._it = self._run(enc, params, alphas, gen, deadline, cancel, whole or [False] * len(self.deltas))
@@ -445,15 +443,14 @@ class Engine:
         """Greedy completions of many prompts, ``n_seq`` of them decoded side by side in one llama.cpp
         batch (:class:`~cmc_edge.runtime.target.SeqBatch`), each with its own delta caches: the
         tokens :meth:`generate` picks one prompt at a time (up to llama.cpp's batched arithmetic),
-        about 3x faster on 2 cores. For evaluation and data building, not serving: greedy only, no
-        deadline. ``on_done(i, generation)`` is called as each prompt finishes. A failure of
+        1.2-2x faster on 2 cores for short answers. For evaluation and data building, not
+        serving: greedy only, no deadline. ``on_done(i, generation)`` is called as each prompt
+        finishes. A failure of
         llama.cpp or of a delta stops them all (typed as in :meth:`generate`)."""
         if sampler_top_k(params.temperature, params.top_k, params.repeat_penalty) != 1:
             raise InputError("generate_many decodes greedily only",
                              fix="use temperature 0 and no repeat penalty, or generate() one prompt at a time")
-        if alphas is not None and len(alphas) != len(self.deltas):
-            raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
-        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+        alphas = self._alphas(alphas)
         encs = [p if isinstance(p, EncodedPrompt) else self.encode(p) for p in prompts]
         gens = [Generation(_it=iter(()), prompt_tokens=len(e.target)) for e in encs]
         bias = self._bias(params)
@@ -527,6 +524,13 @@ class Engine:
             raise
         return gens
 
+    def _alphas(self, alphas: Sequence[float] | None) -> list[float]:
+        """One checked alpha per delta: ``alphas`` where given, else each delta's own."""
+        if alphas is not None and len(alphas) != len(self.deltas):
+            raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas",
+                             fix="give one alpha per delta")
+        return [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+
     def _bias(self, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
         """``params.logit_bias`` as (token ids, biases) arrays, checked against the vocabulary."""
         ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
@@ -598,9 +602,7 @@ class Engine:
         """NLL (nats) of each of ``rtoks`` following ``ptoks``: llama.cpp reads them in batches
         (:meth:`TargetLLM.eval_logits`), each delta reads its prompt and then the text of the
         tokens before the one scored, and each row gets the full shift. (len(rtoks),)"""
-        if alphas is not None and len(alphas) != len(self.deltas):
-            raise InputError(f"{len(alphas)} alphas given for {len(self.deltas)} deltas", fix="give one alpha per delta")
-        alphas = [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
+        alphas = self._alphas(alphas)
         active, trackers = self._start(delta_prompts, alphas)
         llm = self.target.llm
         llm.reset()
