@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: 1e-5; 0 turns it off)")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--side-by-side", type=int, default=8, metavar="N",
-                   help="prompts answered at once in the recipe's own answers and checks (default: 8, ~2x faster "
+                   help="prompts answered at once in the recipe's own answers and checks (default: 8, 1.2-1.6x faster "
                         "than 1 on 2 cores; 1: one by one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")

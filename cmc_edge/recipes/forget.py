@@ -60,7 +60,7 @@ class ForgetConfig:
     check_tokens: int = 24
     probes: bool = True
     # Prompts answered side by side (one llama.cpp batch) in the recipe's data, validation and
-    # checks: ~2x faster on 2 cores than one by one; 1 decodes them one after another.
+    # checks: 1.2-1.6x faster on 2 cores than one by one; 1 decodes them one after another.
     side_by_side: int = 8
     seed: int = 0
     size: str = "15m"
