@@ -177,15 +177,13 @@ def answer(engine, record: dict, config: Config, max_tokens: int, base_layout: s
 
 def answers_side_by_side(engine, prompts: list[dict], config: Config, max_tokens: int, base_layout: str,
                          n_seq: int, on_done=None) -> list:
-    """Every prompt's answer under ``config``, ``n_seq`` decoded at once (Engine.generate_many)."""
-    encoded, params = [], None
-    for rec in prompts:
-        messages, params, template = request(engine, rec, config, max_tokens, base_layout)
-        tgt, dps = engine.chat_prompts(messages, template)
-        encoded.append(engine.encode(tgt, dps))
-    params = engine.chat_params(params, template)
-    return engine.generate_many(encoded, params, alphas=[config.alpha] if engine.deltas else None, n_seq=n_seq,
-                                on_done=on_done)
+    """Every prompt's answer under ``config``, ``n_seq`` decoded at once (Engine.chat_many)."""
+    asked = [request(engine, rec, config, max_tokens, base_layout) for rec in prompts]
+    if not asked:
+        return []
+    _, params, template = asked[0]          # the same for every prompt of a configuration
+    return engine.chat_many([m for m, _, _ in asked], params, alphas=[config.alpha] if engine.deltas else None,
+                            chat_template=template, n_seq=n_seq, on_done=on_done)
 
 
 def run_config(engine, prompts: list[dict], config: Config, max_tokens: int, progress: bool = False,

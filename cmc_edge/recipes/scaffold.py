@@ -76,12 +76,8 @@ def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None
     bar = tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="q", leave=False)
     with bar:
         if side_by_side > 1:
-            encoded = []
-            for p in prompts:
-                tgt, dps = engine.chat_prompts(messages(p))
-                encoded.append(engine.encode(tgt, dps))
-            gens = engine.generate_many(encoded, engine.chat_params(params), alphas=alphas, n_seq=side_by_side,
-                                        on_done=lambda i, g: bar.update())
+            gens = engine.chat_many([messages(p) for p in prompts], params, alphas=alphas, n_seq=side_by_side,
+                                    on_done=lambda i, g: bar.update())
         else:
             gens = []
             for p in prompts:

@@ -305,6 +305,14 @@ class Engine:
         tgt, dps = self.chat_prompts(messages, chat_template)
         return self.generate(tgt, self.chat_params(params, chat_template), delta_prompts=dps, alphas=alphas)
 
+    def chat_many(self, conversations: Sequence[list[dict]], params: SamplingParams, *,
+                  alphas: Sequence[float] | None = None, chat_template: str | None = None, n_seq: int = 8,
+                  on_done=None) -> list[Generation]:
+        """:meth:`chat` for many conversations, ``n_seq`` decoded side by side (:meth:`generate_many`)."""
+        encoded = [self.encode(*self.chat_prompts(m, chat_template)) for m in conversations]
+        return self.generate_many(encoded, self.chat_params(params, chat_template), alphas=alphas, n_seq=n_seq,
+                                  on_done=on_done)
+
     def encode(self, prompt: str, delta_prompts: Sequence[str] | None = None) -> EncodedPrompt:
         """Tokenize ``prompt`` for the target and ``delta_prompts[i]`` (default: ``prompt``) for each
         delta. A :class:`~cmc_edge.prompt.Prompt` keeps its data parts plain text on both sides; a
