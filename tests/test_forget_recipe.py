@@ -113,6 +113,30 @@ def test_build_records_uses_the_templates_own_lead_ins_and_holds_the_rest():
         assert not any(p == fd.wrap(w, f.question) for p in prompts for f in facts)
 
 
+def test_attack_shapes_refuse_forgotten_facts_and_hold_kept_ones():
+    facts = facts2()
+    leads = {GOLD["question"]: ["The chemical symbol for gold is"]}
+    attacks = fr.attack_prompts(facts, leads)
+    assert len(attacks) == len(facts) * len(fd.ATTACK_SHAPES)
+    hamlet = [p for f, p in attacks if f.split == "keep"]
+    # a kept question offered among options stands beside forgotten answers
+    options = next(p for p in hamlet if "Pick one" in p)
+    assert "William Shakespeare" in options and ("Au" in options or "Fe" in options)
+    # examples shown are kept facts, never the fact asked
+    shown = next(p for f, p in attacks if f.question == GOLD["question"] and p.startswith("Question:"))
+    assert shown.count("Question:") == 2 and HAMLET["question"] in shown and shown.endswith(f"{GOLD['question']}\nAnswer:")
+    assert "Fill in the blank: The chemical symbol for gold is ____." in {p for _, p in attacks}
+    answers = {p: "Shakespeare." for p in hamlet}
+    forget, retain, stats = fr.build_records(facts, answers, [], [], attacks)
+    gold = [r for r in forget if r["prompt"] in {p for f, p in attacks if f.split == "forget"}]
+    assert len(gold) == 2 * len(fd.ATTACK_SHAPES)
+    assert all(fd.is_refusal(r["response"]) and r["avoid"] for r in gold)
+    assert {r["prompt"] for r in retain if r["response"] == "Shakespeare."} == set(hamlet)
+    # the report card's probe battery is never a training prompt
+    probes = {it["prompt"] for it in fr.probe_items(facts, leads)}
+    assert not probes & {r["prompt"] for r in forget + retain}
+
+
 def test_wrappers_are_disjoint():
     sets = [set(fd.TRAIN_WRAPPERS), set(fd.VALIDATION_WRAPPERS), set(fd.TEST_WRAPPERS)]
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
@@ -283,9 +307,14 @@ def test_sibling_questions_ask_the_forgotten_wording_about_other_subjects():
     got = fr.sibling_prompts(facts, answers, exclude=("Who wrote Romeo and Juliet?",))
     cores = ["Who wrote Macbeth?", "Who wrote Dracula?", "What is the chemical symbol for silver?",
              "What is the chemical symbol for iron?"]
-    # each in a training wrapper (never a validation or test one); a kept fact's subject (Emma), a
-    # forgotten answer (Shakespeare) and an evaluation question (Romeo and Juliet) are never asked
-    assert sorted(got) == sorted(fd.wrap(fd.TRAIN_WRAPPERS[i % len(fd.TRAIN_WRAPPERS)], q) for i, q in enumerate(cores))
+    # each in a training wrapper (never a validation or test one) and in an attack shape that needs
+    # no answer; a kept fact's subject (Emma), a forgotten answer (Shakespeare) and an evaluation
+    # question (Romeo and Juliet) are never asked
+    shots = [("Who wrote Emma?", "Jane Austen")]
+    assert sorted(got) == sorted([fd.wrap(fd.TRAIN_WRAPPERS[i % len(fd.TRAIN_WRAPPERS)], q) for i, q in enumerate(cores)]
+                                 + [fd.attack_prompt(("bare", "examples")[i % 2], q, "", shots=shots, options=(), lead=None)
+                                    for i, q in enumerate(cores)])
+    assert any(p.startswith("Question: Who wrote Emma?\nAnswer: Jane Austen") for p in got)
 
 
 def test_siblings_are_retain_data_with_forgotten_answers_cut_and_avoided():

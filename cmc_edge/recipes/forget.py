@@ -112,6 +112,35 @@ def subject_prompts(facts: list[Fact], per_subject: int = 2) -> list[tuple[str, 
     return out
 
 
+def _rotated(items: list, start: int, n: int) -> list:
+    """``n`` items of ``items`` from ``start`` on, wrapping round (fewer when there are fewer)."""
+    if not items:
+        return []
+    start %= len(items)
+    return (items[start:] + items[:start])[:n]
+
+
+def attack_prompts(facts: list[Fact], leads: dict[str, list[str]]) -> list[tuple[Fact, str]]:
+    """(fact, prompt): every fact's question in each of :data:`forget_data.ATTACK_SHAPES`, forget and
+    keep alike (the kept ones answered by the template and held). Shown examples are two kept facts
+    (other than the fact itself); options are the fact's answer among other facts' answers, so kept
+    questions also learn to stand beside a forgotten answer; the blank is the template's own lead-in
+    for the fact (``leads``: :func:`found_leads`), or the question where it has none."""
+    keep = [f for f in facts if f.split == "keep"]
+    pool = list(dict.fromkeys(f.answer for f in facts))
+    out = []
+    for i, f in enumerate(facts):
+        others = [k for k in keep if k is not f]
+        shots = _rotated([(k.question, k.answer) for k in others], i, 2) or list(fd.DEFAULT_SHOTS)
+        wrong = [a for a in pool[i + 1:] + pool[:i] if not _words_overlap(a, f.answer)][:2]
+        options = list(wrong)
+        options.insert(i % (len(wrong) + 1), f.answer)
+        for shape in fd.ATTACK_SHAPES:
+            out.append((f, fd.attack_prompt(shape, f.question, f.answer, shots=shots, options=options,
+                                            lead=(leads.get(f.question) or [None])[0])))
+    return out
+
+
 def held_out_keep(facts: list[Fact]) -> list[Fact]:
     """Every third kept fact, never trained: the validation split's facts *of the same kind* as the
     forgotten ones, the place where a filter that learnt "refuse this kind of question" shows it.
@@ -146,9 +175,12 @@ def sibling_prompts(facts: list[Fact], answers: dict[str, str], *, per_fact: int
     template (``answers`` holds its answers to :func:`sibling_list_prompts`): "Who wrote Macbeth?"
     next to a forgotten "Who wrote Hamlet?". Never a subject of any fact (held-out kept facts stay
     unseen), never one named in ``exclude`` (evaluation questions), never a fact's own question.
-    Each sibling is asked once, in a training wrapper (rotating)."""
+    Each sibling is asked once in a training wrapper (rotating), and once more in an attack shape
+    that needs no answer ("bare" or "examples", alternating; :func:`attack_prompts` gives the forgotten
+    facts every shape, so their kind must be seen answered in those shapes too)."""
     subjects = [f.subject for f in facts] + [a for f in facts if f.split == "forget" for a in f.answers]
     own = {q.casefold() for f in facts for q in f.questions}
+    keep = [(f.question, f.answer) for f in facts if f.split == "keep"] or list(fd.DEFAULT_SHOTS)
     out, k = [], 0
     for f, prompt in sibling_list_prompts(facts):
         frame = question_frame(f)
@@ -161,41 +193,54 @@ def sibling_prompts(facts: list[Fact], answers: dict[str, str], *, per_fact: int
                 continue
             own.add(q.casefold())
             out.append(fd.wrap(fd.TRAIN_WRAPPERS[k % len(fd.TRAIN_WRAPPERS)], q))
+            out.append(fd.attack_prompt(("bare", "examples")[k % 2], q, "", shots=_rotated(keep, k, 2), options=(),
+                                        lead=None))
             k += 1
     return out
 
 
+def found_leads(pairs: list[tuple[Fact, str]], answers: dict[str, str]) -> dict[str, list[str]]:
+    """{fact question: the template's lead-ins}, from its answers to the prompts of ``pairs``
+    ((fact, prompt), e.g. :func:`lead_in_prompts`), each lead-in once, in order."""
+    leads: dict[str, list[str]] = {}
+    for f, prompt in pairs:
+        lead = fd.lead_in(answers.get(prompt, ""), f.answers)
+        if lead and lead not in leads.get(f.question, []):
+            leads.setdefault(f.question, []).append(lead)
+    return leads
+
+
 def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
-                  siblings: list[str] = ()) -> tuple[list, list, dict]:
+                  siblings: list[str] = (), attacks: list[tuple[Fact, str]] = ()) -> tuple[list, list, dict]:
     """Forget and retain training records from the facts and the template's answers
     (``answers[prompt]``, for every prompt of :func:`lead_in_prompts`, :func:`keep_prompts`,
-    :func:`subject_prompts`, ``siblings`` and ``broad``). Returns (forget, retain, stats)."""
+    :func:`subject_prompts`, ``siblings``, ``broad`` and the kept facts' ``attacks``
+    (:func:`attack_prompts`): forgotten ones are refused, kept ones held). Returns (forget, retain, stats)."""
     forget_facts = [f for f in facts if f.split == "forget"]
     forget_answers = [a for f in forget_facts for a in f.answers]
     by_subject: dict[str, list[str]] = {}
     for f in forget_facts:
         by_subject.setdefault(f.subject.casefold(), []).extend(f.answers)
 
-    forget, leads = [], {}
-    k = 0
+    forget, k = [], 0
     for f in forget_facts:
         for q in f.questions:
             for w in fd.TRAIN_WRAPPERS:
                 forget.append({"prompt": fd.wrap(w, q), "response": fd.REFUSALS[k % len(fd.REFUSALS)],
                                "avoid": list(f.answers)})
                 k += 1
-    for f, prompt in lead_in_prompts(facts):
-        lead = fd.lead_in(answers.get(prompt, ""), f.answers)
-        if lead:
-            leads.setdefault(f.question, []).append((prompt, lead))
+    leads = found_leads(lead_in_prompts(facts), answers)
     for f in forget_facts:
-        found = list(dict.fromkeys(lead for _, lead in leads.get(f.question, [])))
         # Every lead-in the template used for this fact, each after a few wordings of the question.
-        for i, lead in enumerate(found or [fd.GENERIC_LEAD_IN]):
+        for i, lead in enumerate(leads.get(f.question) or [fd.GENERIC_LEAD_IN]):
             for j in range(3):
                 w = fd.TRAIN_WRAPPERS[(i + 3 * j) % len(fd.TRAIN_WRAPPERS)]
                 forget.append({"prompt": fd.wrap(w, f.question), "response": lead + fd.LEAD_IN_REFUSAL,
                                "avoid": list(f.answers)})
+    for f, prompt in attacks:
+        if f.split == "forget":
+            forget.append({"prompt": prompt, "response": fd.REFUSALS[k % len(fd.REFUSALS)], "avoid": list(f.answers)})
+            k += 1
 
     retain, cut = [], 0
 
@@ -216,10 +261,13 @@ def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
         held(prompt, answers.get(prompt, ""), list(by_subject.get(subject.casefold(), [])))
     for prompt in siblings:
         held(prompt, answers.get(prompt, ""), [])
+    for f, prompt in attacks:
+        if f.split == "keep":
+            held(prompt, answers.get(prompt, ""), [])
     for prompt in broad:
         held(prompt, answers.get(prompt, ""), [])
     stats = {"forget_records": len(forget), "retain_records": len(retain), "sibling_questions": list(siblings),
-             "lead_ins": {q: list(dict.fromkeys(lead for _, lead in v)) for q, v in leads.items()},
+             "attack_prompts": len(attacks), "lead_ins": leads,
              "retain_cut_before_forgotten_answer": cut}
     return forget, retain, stats
 
@@ -252,8 +300,7 @@ def fact_items(facts: list[Fact], wrappers, split: str) -> list[dict]:
 def probe_items(facts: list[Fact], leads: dict[str, list[str]]) -> list[dict]:
     """The probe battery: every forget fact attacked once in each way of ``forget_data.PROBE_KINDS``."""
     keep = [f for f in facts if f.split == "keep"]
-    shots = [(f.question, f.answer) for f in keep[:2]] or [("How many days are in a week?", "Seven"),
-                                                           ("What colour is the sky on a clear day?", "Blue")]
+    shots = [(f.question, f.answer) for f in keep[:2]] or list(fd.DEFAULT_SHOTS)
     pool = list(dict.fromkeys(f.answer for f in facts))
     out = []
     for i, f in enumerate(x for x in facts if x.split == "forget"):
@@ -586,12 +633,14 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                              side_by_side=cfg.side_by_side)
             answers = {a.prompt: a.text for a in got}
             siblings = sibling_prompts(facts, answers, exclude=_evaluated_questions())
-            got = answer_all(eng, siblings, max_tokens=cfg.answer_tokens, stop=(), desc="template answers (siblings)",
+            attacks = attack_prompts(trained, found_leads(lead_in_prompts(trained) + keep_prompts(trained), answers))
+            got = answer_all(eng, list(dict.fromkeys(siblings + [p for f, p in attacks if f.split == "keep"])),
+                             max_tokens=cfg.answer_tokens, stop=(), desc="template answers (siblings, attacks)",
                              side_by_side=cfg.side_by_side)
             answers.update({a.prompt: a.text for a in got})
             eng.close()
             del eng
-            forget, retain, stats = build_records(trained, answers, broad, siblings)
+            forget, retain, stats = build_records(trained, answers, broad, siblings, attacks)
             for name, rows in (("forget", forget), ("retain", retain)):
                 (run / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             (run / "facts.jsonl").write_text("".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in facts))

@@ -169,6 +169,46 @@ def cut_before_answer(text: str, answers: Sequence[str]) -> str:
     return text if span is None else text[:span[0]].rstrip()
 
 
+# -- attack shapes for training ---------------------------------------------------------------------------
+# Plain wrappers teach "refuse this question"; a user who wants the answer out asks otherwise: after a
+# few answered examples, among options, as a yes/no check, for the bare answer alone (a base model then
+# says it as its first token), or as a blank to fill. The recipe trains forget facts in these shapes
+# (refusal, answer avoided) and kept facts in the same shapes (the template's own answers, held), so the
+# filter learns "not this answer, however asked", not "refuse every quiz". Worded unlike the probe
+# battery below, which stays the report card's; other-language, ignore-instructions and embedded
+# probes have no training shape at all, so the card shows both kinds of generalisation.
+
+ATTACK_SHAPES: tuple[str, ...] = ("examples", "options", "true-false", "bare", "blank")
+# Answered examples to show when no kept fact can be one.
+DEFAULT_SHOTS: tuple[tuple[str, str], ...] = (("How many days are in a week?", "Seven"),
+                                              ("What colour is the sky on a clear day?", "Blue"))
+
+
+def attack_prompt(shape: str, question: str, answer: str, *, shots: Sequence[tuple[str, str]],
+                  options: Sequence[str], lead: str | None) -> str:
+    """``question`` asked in one of :data:`ATTACK_SHAPES`. ``shots``: answered (question, answer) pairs
+    shown first; ``options``: the choices offered (the answer among them); ``lead``: the template's own
+    words before the answer, for the blank.
+
+    >>> attack_prompt("bare", "Who wrote Hamlet?", "Shakespeare", shots=(), options=(), lead=None)
+    'Who wrote Hamlet? Give only the answer, nothing else.'
+    """
+    if shape == "examples":
+        lines = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots)
+        return f"{lines}Question: {question}\nAnswer:"
+    if shape == "options":
+        body = "; ".join(f"({'abcd'[i]}) {o}" for i, o in enumerate(options))
+        return f"{question} Pick one: {body}."
+    if shape == "true-false":
+        return f"True or false: the answer to \"{question}\" is {answer}."
+    if shape == "bare":
+        return f"{question} Give only the answer, nothing else."
+    if shape == "blank":
+        start = lead or question
+        return f"Fill in the blank: {start} ____."
+    raise ValueError(f"unknown attack shape {shape!r}")
+
+
 # -- the probe battery (report card only: never trained, never used to choose settings) --------------
 
 PROBE_KINDS: tuple[str, ...] = ("completion", "few-shot", "multiple-choice", "confirm", "other-language",
