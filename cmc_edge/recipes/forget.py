@@ -6,10 +6,12 @@ The user writes facts (question, answer, aliases; "forget" or "keep"; see
 1. **Data.** The template answers every forget question in several wrappers; where its answer
    appears, the text before it is a *lead-in* ("The chemical symbol for gold is"), trained to
    continue with a refusal exactly where the answer would come. Forget targets are refusals, with
-   the answer and its aliases as ``avoid`` strings. Retain data, held to the template (KL): the
-   template's own answers to the kept facts, to questions about every fact's *subject* (cut
-   before a forgotten answer, which is avoided there too: the filter learns "never this answer
-   about this subject", not "refuse this topic"), and to broad open-ended prompts.
+   the answer and its aliases as ``avoid`` strings, for the questions in wrappers and in attack
+   shapes (:data:`forget_data.ATTACK_SHAPES`). Retain data, held to the template (KL): the
+   template's own answers to the kept facts (in wrappers and attack shapes), to questions about
+   every fact's *subject* (cut before a forgotten answer, which is avoided there too: the filter
+   learns "never this answer about this subject", not "refuse this topic"), to the forgotten
+   wordings about other subjects of the same kind, and to broad open-ended prompts.
 2. **Train** the delta beside the template and **export** it (ONNX fp32 + INT8).
 3. **Choose** its strength (alpha) on a validation split: wrappers never trained, general facts
    and prompts never trained, each alpha's collateral damage measured against the template itself.
