@@ -187,6 +187,9 @@ BASE = {"forget": 0.8, "keep": 0.7, "general": 0.9, "refused_elsewhere": 0.05, "
     ({0.5: {**BASE, "forget": 0.0}, 1.0: {**BASE, "forget": 0.0}}, 0.5, "ok"),
     # safe but short of the bar
     ({1.0: {**BASE, "forget": 0.4}}, 1.0, "weak"),
+    # validation prose is a small sample: a rise under the bar's 5% but past half of it is not safe
+    # (companies, seed 1: +4.5% on validation was +7.6% on the test prose)
+    ({0.75: {**BASE, "forget": 0.02, "ppl": 10.2}, 1.0: {**BASE, "forget": 0.0, "ppl": 10.45}}, 0.75, "ok"),
     # a refusal flood or a perplexity blow-up is never safe: collapse, smallest alpha returned
     ({0.5: {**BASE, "forget": 0.0, "refused_elsewhere": 0.9}, 1.0: {**BASE, "forget": 0.0, "ppl": 40.0}}, 0.5, "collapse"),
 ])

@@ -387,14 +387,21 @@ def _drift(rows: list[dict], base_rows: list[dict]) -> float:
     return sum(r["output"].split()[:12] != b["output"].split()[:12] for r, b in pairs) / len(pairs)
 
 
+# Validation perplexity is two paragraphs of prose; the test's is other prose. A strength is safe only
+# when validation leaves this share of the bar's allowed rise unused (companies, seed 1: +4.5% on
+# validation at alpha 1 was +7.6% on the test prose).
+VALIDATION_PPL_SHARE = 0.5
+
+
 def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list[str]]:
     """Pick the strength from validation measurements ``{alpha: summary}`` (alpha 0 = the template).
 
     An alpha is *safe* when recall on kept facts, on held-out kept facts ("kin": never trained, of
     the forgotten facts' kind) and on general facts stays within the bar's points (or one question,
     whichever is more) of the template's,
-    refusals where none belong rise by at most 10 points and validation perplexity by less than the
-    bar. Among safe alphas the strongest forgetting wins (the smallest alpha within 2 points of it).
+    refusals where none belong rise by at most 10 points and validation perplexity by less than
+    half the bar's rise (:data:`VALIDATION_PPL_SHARE`). Among safe alphas the strongest forgetting
+    wins (the smallest alpha within 2 points of it).
     Returns (alpha, status, reasons): status "ok", "weak" (safe, but forgetting short of the bar) or
     "collapse" (no alpha is safe: the smallest is returned and the filter must not ship silently).
 
@@ -420,7 +427,7 @@ def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list
         if 100 * (m["refused_elsewhere"] - base["refused_elsewhere"]) > 10:
             why.append(f"refusals on other questions {100 * m['refused_elsewhere']:.0f}% "
                        f"(template {100 * base['refused_elsewhere']:.0f}%)")
-        if m.get("ppl") and base.get("ppl") and m["ppl"] / base["ppl"] - 1 >= bar["ppl_rise"]:
+        if m.get("ppl") and base.get("ppl") and m["ppl"] / base["ppl"] - 1 >= VALIDATION_PPL_SHARE * bar["ppl_rise"]:
             why.append(f"perplexity {100 * (m['ppl'] / base['ppl'] - 1):+.1f}%")
         if why:
             reasons.append(f"alpha {a:g}: " + ", ".join(why))
