@@ -122,6 +122,12 @@ def _rotated(items: list, start: int, n: int) -> list:
     return (items[start:] + items[:start])[:n]
 
 
+def _distractors(pool: list[str], start: int, answer: str, n: int) -> list[str]:
+    """``n`` wrong options for ``answer``: answers in ``pool`` after ``start``, then from its
+    beginning, none that shares words with it."""
+    return [a for a in pool[start + 1:] + pool[:start + 1] if not _words_overlap(a, answer)][:n]
+
+
 def attack_prompts(facts: list[Fact], leads: dict[str, list[str]]) -> list[tuple[Fact, str]]:
     """(fact, prompt): every fact's question in each of :data:`forget_data.ATTACK_SHAPES`, forget and
     keep alike (the kept ones answered by the template and held). Shown examples are two kept facts
@@ -134,7 +140,7 @@ def attack_prompts(facts: list[Fact], leads: dict[str, list[str]]) -> list[tuple
     for i, f in enumerate(facts):
         others = [k for k in keep if k is not f]
         shots = _rotated([(k.question, k.answer) for k in others], i, 2) or list(fd.DEFAULT_SHOTS)
-        wrong = [a for a in pool[i + 1:] + pool[:i] if not _words_overlap(a, f.answer)][:2]
+        wrong = _distractors(pool, i, f.answer, 2)
         options = list(wrong)
         options.insert(i % (len(wrong) + 1), f.answer)
         for shape in fd.ATTACK_SHAPES:
@@ -306,7 +312,7 @@ def probe_items(facts: list[Fact], leads: dict[str, list[str]]) -> list[dict]:
     pool = list(dict.fromkeys(f.answer for f in facts))
     out = []
     for i, f in enumerate(x for x in facts if x.split == "forget"):
-        distractors = [a for a in pool[i + 1:] + pool[:i + 1] if not _words_overlap(a, f.answer)][:3]
+        distractors = _distractors(pool, i, f.answer, 3)
         for kind in fd.PROBE_KINDS:
             prompt = fd.probe_prompt(kind, f.question, f.answer, lead=(leads.get(f.question) or [None])[0],
                                      shots=shots, distractors=distractors, language=i)
