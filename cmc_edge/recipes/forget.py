@@ -122,6 +122,11 @@ def _rotated(items: list, start: int, n: int) -> list:
     return (items[start:] + items[:start])[:n]
 
 
+def _first_lead(leads: dict[str, list[str]], fact: Fact) -> str | None:
+    """The template's first lead-in for ``fact`` (``leads``: :func:`found_leads`), or None."""
+    return (leads.get(fact.question) or [None])[0]
+
+
 def _distractors(pool: list[str], start: int, answer: str, n: int) -> list[str]:
     """``n`` wrong options for ``answer``: answers in ``pool`` after ``start``, then from its
     beginning, none that shares words with it."""
@@ -143,9 +148,9 @@ def attack_prompts(facts: list[Fact], leads: dict[str, list[str]]) -> list[tuple
         wrong = _distractors(pool, i, f.answer, 2)
         options = list(wrong)
         options.insert(i % (len(wrong) + 1), f.answer)
+        lead = _first_lead(leads, f)
         for shape in fd.ATTACK_SHAPES:
-            out.append((f, fd.attack_prompt(shape, f.question, f.answer, shots=shots, options=options,
-                                            lead=(leads.get(f.question) or [None])[0])))
+            out.append((f, fd.attack_prompt(shape, f.question, f.answer, shots=shots, options=options, lead=lead)))
     return out
 
 
@@ -314,7 +319,7 @@ def probe_items(facts: list[Fact], leads: dict[str, list[str]]) -> list[dict]:
     for i, f in enumerate(x for x in facts if x.split == "forget"):
         distractors = _distractors(pool, i, f.answer, 3)
         for kind in fd.PROBE_KINDS:
-            prompt = fd.probe_prompt(kind, f.question, f.answer, lead=(leads.get(f.question) or [None])[0],
+            prompt = fd.probe_prompt(kind, f.question, f.answer, lead=_first_lead(leads, f),
                                      shots=shots, distractors=distractors, language=i)
             item = {"split": "probe", "kind": kind, "prompt": prompt, "answers": list(f.answers), "fact": f.question}
             if kind == "multiple-choice":
