@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: 0.5, 0.75, 1)")
     p.add_argument("--retain-l2", type=float, default=None,
                    help="weight of the flat-shift penalty where the filter must be silent (see train --retain-l2; "
-                        "default: 1e-5; 0 turns it off)")
+                        "default: 1e-4; 0 turns it off)")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--side-by-side", type=int, default=8, metavar="N",
                    help="prompts answered at once in the recipe's own answers and checks (default: 8, 1.2-1.6x faster "
