@@ -252,3 +252,12 @@ def test_combined_losses_matches_the_terms_parts():
     from cmc_edge.train.loop import combined_losses
 
     assert combined_losses is ob.combined_losses
+
+
+def test_kl_at_is_the_kl_of_those_rows_only():
+    d = delta(seed=3)
+    s = ob.score(batch(), d, alpha=1.0)
+    rows = torch.tensor([False, True, False, True])
+    assert torch.allclose(s.kl_at(rows), s.kl[rows], atol=1e-7)
+    s.kl_at(rows).sum().backward()
+    assert (d.grad[[0, 2]] == 0).all() and (d.grad[[1, 3]] != 0).any()

@@ -466,3 +466,46 @@ def test_resume_key_tells_teacher_data_apart(template, tmp_path):
     without = [dataclasses.replace(e, teacher_ids=(), teacher_pos=()) for e in with_t]
     cfg = TrainConfig(objective="sft", size="tiny", steps=4)
     assert _config_key(cfg, {"sft": with_t}) != _config_key(cfg, {"sft": without})
+
+
+def test_template_logprobs_batched_by_length_match_one_at_a_time_in_input_order(template):
+    """Chunks are formed by length and the output layer runs only at the loss positions; every
+    example still gets its own rows, in the order given."""
+    pairs = [("Hi?", "Yes."), ("Tell me a long story about the sea and the ships on it, please.", "Once upon a time."),
+             ("Why?", "Because it is so, and that is a longer answer than the others."), ("Cats?", "Cats.")]
+    ex = encode_records(records(pairs), template.tokenizer, template.prompt_format, "retain", 128)
+    assert len({len(e.ids) for e in ex}) == len(ex)                       # the sort does reorder them
+    together = template_logprobs(template.model, ex, 0, chunk=3)
+    for e, got in zip(ex, together):
+        alone = template.model(input_ids=torch.tensor([e.ids])).logits[0].float()
+        r, p = len(e.response_ids), len(e.prompt_ids)
+        want = torch.log_softmax(alone[p - 1:p - 1 + r], -1)
+        assert got.shape == want.shape
+        assert torch.allclose(got.float(), want, atol=2e-2)              # float16 storage
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_kept_heap_reuses_freed_buffers_then_gives_them_back():
+    from cmc_edge.train.loop import kept_heap
+
+    def big():
+        t = torch.ones(64 * 1024 * 1024 // 4)                            # 64 MB, above glibc's mmap threshold
+        del t
+
+    big()
+    base = _rss_mb()
+    with kept_heap() as active:
+        if not active:
+            pytest.skip("not glibc")
+        big()
+        kept = _rss_mb()
+    after = _rss_mb()
+    assert kept - base > 48                                              # freed, but kept for the next step
+    assert after - base < 16                                             # returned on exit

@@ -82,6 +82,39 @@ class TrainConfig:
             raise InputError(f"--save-every must be >= 0, got {self.save_every}", fix="0 turns resume state off")
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@contextlib.contextmanager
+def kept_heap():
+    """Keep freed memory in the process heap while training on a CPU (glibc only; elsewhere a no-op).
+
+    Every step allocates and frees a dozen (N, V) float buffers of ~70 MB. glibc serves blocks above
+    its mmap threshold (at most 32 MB) with a fresh mmap each time, so each buffer's pages are
+    faulted in and zeroed by the kernel again, step after step: about half of a step's time on 2
+    cores (BENCHMARKS.md). With mmap off and trimming off for the duration, freed buffers are reused;
+    on exit glibc's defaults come back and the heap is trimmed. Numbers are unchanged: only where
+    the memory comes from differs."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield False
+        return
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield True
+    finally:
+        mallopt(_M_MMAP_MAX, 65536)                # glibc's defaults
+        mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        trim(0)
+
+
 def _pad_batch(examples, pad_id: int):
     """Right-padded ids, attention mask and, per example, the positions predicting response tokens."""
     import torch
@@ -102,20 +135,39 @@ def _pad_batch(examples, pad_id: int):
     return ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
 
 
-def template_logprobs(model, examples, pad_id: int, chunk: int = 8):
-    """log_softmax(template) at each example's response-predicting positions: list of (R_i, V) float16."""
+def _logits_at(model, ids, mask, rows, cols):
+    """The template's logits at positions (rows, cols) only: the body runs on the whole batch, the
+    output layer (a quarter of SmolLM2's work per token, and a (B, L, V) buffer) only where a loss
+    reads it. Models without a separate decoder and head get the full forward, then the rows."""
     import torch
 
-    out = []
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = head(hidden[rows, cols])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def template_logprobs(model, examples, pad_id: int, chunk: int = 8):
+    """log_softmax(template) at each example's response-predicting positions: list of (R_i, V) float16,
+    in the order of ``examples``. Chunks are formed by length (less padding), results put back in order."""
+    import torch
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    got = {}
     with torch.no_grad():
-        for s in range(0, len(examples), chunk):
-            batch = examples[s : s + chunk]
+        for s in range(0, len(order), chunk):
+            idx = order[s : s + chunk]
+            batch = [examples[i] for i in idx]
             ids, mask, rows, cols, _ = _pad_batch(batch, pad_id)
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-            lp = torch.log_softmax(logits[rows, cols].float(), dim=-1)        # (N, V)
+            dev = model.device
+            logits = _logits_at(model, ids.to(dev), mask.to(dev), rows.to(dev), cols.to(dev))
+            lp = torch.log_softmax(logits.float(), dim=-1)                       # (N, V)
             sizes = [len(e.response_ids) for e in batch]
-            out.extend(t.to(torch.float16).cpu() for t in lp.split(sizes))
-    return out
+            got.update(zip(idx, (t.to(torch.float16).cpu() for t in lp.split(sizes))))
+    return [got[i] for i in range(len(examples))]
 
 
 def _teacher_example(e):
@@ -401,7 +453,9 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     log.info("delta: %s preset, %.1fM parameters", cfg.size, count_parameters(delta) / 1e6)
 
     eot_ids = _end_of_turn_ids(template) if cfg.delta_ends_turn else []
-    cache, tcache = _template_cache(template, data, roles, pad_id) if cfg.cache_template else ({}, {})
+    on_cpu = str(cfg.device).startswith("cpu")
+    with kept_heap() if on_cpu else contextlib.nullcontext():
+        cache, tcache = _template_cache(template, data, roles, pad_id) if cfg.cache_template else ({}, {})
     opt, sched = _optimizer(delta, cfg)
     # Each step draws from every role present: half forget / half retain for unlearning.
     share = {r: max(1, cfg.batch_size // len(roles)) for r in roles}
@@ -445,7 +499,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         terms = loss_terms(b, d, cfg)
         return sum(terms.values()), terms, int(mask.sum())
 
-    with stop:
+    with stop, kept_heap() if on_cpu else contextlib.nullcontext():
         for step in bar:
             opt.zero_grad(set_to_none=True)
             for m in range(cfg.grad_accum):
