@@ -332,27 +332,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "answering as one JSON object; instruct: following IFEval-style constraints (needs the "
                         "[bench] extra: IFEval's checker)")
 
+    from cmc_edge.recipes.forget import ForgetConfig   # light: the recipe imports torch and llama.cpp lazily
+
+    fdef = ForgetConfig()                               # the recipe's defaults, shown and used as they are
     p = sub.add_parser("forget", help="make an unlearning filter from a facts file: build the data, train, export, "
                                       "choose its strength and check it; writes the bundle and a report card")
     p.add_argument("facts", help='JSONL: {"question", "answer", "aliases": [...], "split": "forget"|"keep", '
                                  '"subject", "paraphrases": [...]} (see README, "Unlearning your own facts")')
     p.add_argument("--out", "-o", required=True, help="directory to write: bundle/, checkpoint/, report.*")
-    p.add_argument("--template", default="smollm2", help="template GGUF or packaged name (default: smollm2)")
+    p.add_argument("--template", default=fdef.template,
+                   help=f"template GGUF or packaged name (default: {fdef.template})")
     p.add_argument("--check-model", action="append", default=[], metavar="MODEL",
                    help="also check the filter on this GGUF or packaged model (repeatable), e.g. gemma3")
     p.add_argument("--keep-prompts", help="text file, one prompt per line: more prompts whose answers must not change")
-    p.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    p.add_argument("--steps", type=int, default=fdef.steps, help=f"training steps (default: {fdef.steps})")
     p.add_argument("--alpha", action="append", type=float, default=None,
                    help="candidate strengths the recipe chooses from on its validation split (repeatable; "
-                        "default: 0.5, 0.75, 1)")
+                        f"default: {', '.join(f'{a:g}' for a in fdef.alphas)})")
     p.add_argument("--retain-l2", type=float, default=None,
                    help="weight of the flat-shift penalty where the filter must be silent (see train --retain-l2; "
-                        "default: 1e-4; 0 turns it off)")
+                        f"default: {fdef.retain_l2:g}; 0 turns it off)")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
-    p.add_argument("--side-by-side", type=int, default=8, metavar="N",
-                   help="prompts answered at once in the recipe's own answers and checks (default: 8, 1.2-1.6x faster "
+    p.add_argument("--side-by-side", type=int, default=fdef.side_by_side, metavar="N",
+                   help=f"prompts answered at once in the recipe's own answers and checks (default: {fdef.side_by_side}, "
+                        "1.2-1.6x faster "
                         "than 1 on 2 cores; 1: one by one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=fdef.seed)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("train", help="train a delta beside a frozen template")

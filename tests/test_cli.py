@@ -70,3 +70,18 @@ def test_fp32_and_int8_are_one_choice(verb, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*verb, "--delta", "b", "--fp32", "--int8"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_forget_defaults_and_help_come_from_the_recipe_config():
+    """One home for the recipe's defaults: the parser and its help read ForgetConfig."""
+    from cmc_edge.cli import build_parser
+    from cmc_edge.recipes.forget import ForgetConfig
+
+    d = ForgetConfig()
+    p = build_parser()
+    args = p.parse_args(["forget", "facts.jsonl", "--out", "x"])
+    assert (args.steps, args.side_by_side, args.seed, args.template) == (d.steps, d.side_by_side, d.seed, d.template)
+    sub = next(a for a in p._subparsers._group_actions[0].choices.values() if a.prog.endswith(" forget"))
+    helps = {a.dest: a.help for a in sub._actions}
+    assert f"default: {d.retain_l2:g};" in helps["retain_l2"]
+    assert "default: " + ", ".join(f"{a:g}" for a in d.alphas) in helps["alpha"]
