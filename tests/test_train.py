@@ -509,3 +509,31 @@ def test_kept_heap_reuses_freed_buffers_then_gives_them_back():
     after = _rss_mb()
     assert kept - base > 48                                              # freed, but kept for the next step
     assert after - base < 16                                             # returned on exit
+
+
+def test_a_converted_template_is_kept_and_loads_the_same_weights_and_tokenizer(tiny_gguf, tmp_path, monkeypatch):
+    from cmc_edge.train import template as tm
+
+    monkeypatch.setenv("CMC_EDGE_HOME", str(tmp_path / "home"))
+    first = tm.load_template(tiny_gguf)
+    conv = tm._converted_dir(tiny_gguf)
+    assert (conv / "cmc-template.json").is_file()
+    calls = []
+    import transformers
+
+    orig = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: calls.append(k.get("gguf_file")) or orig(*a, **k))
+    second = tm.load_template(tiny_gguf)
+    assert calls == [None]                                               # from the kept directory, no GGUF
+    ids = torch.tensor([first.tokenizer("Who wrote Hamlet?")["input_ids"]])
+    assert first.tokenizer("Who wrote Hamlet?")["input_ids"] == second.tokenizer("Who wrote Hamlet?")["input_ids"]
+    assert torch.equal(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits)
+    assert (first.name, first.vocab_hash, first.source, first.prompt_format) == \
+           (second.name, second.vocab_hash, second.source, second.prompt_format)
+    # A damaged copy is ignored (and replaced), never used.
+    (conv / "config.json").write_text("{not json")
+    calls.clear()
+    third = tm.load_template(tiny_gguf)
+    assert tiny_gguf.name in calls and torch.equal(third.model(input_ids=ids).logits, first.model(input_ids=ids).logits)
+    assert json.loads((conv / "config.json").read_text())

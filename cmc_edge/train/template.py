@@ -27,8 +27,71 @@ class Template:
                 "vocab_hash": self.vocab_hash}
 
 
-def load_template(source: str | Path, device: str = "cpu") -> Template:
-    """``source``: a ``.gguf`` file, a packaged model name (``smollm2``), or an HF model directory."""
+def _converted_dir(path: Path) -> Path:
+    """Where the template converted from the GGUF at ``path`` is kept: the file's SHA-256 and the
+    transformers version (a new converter may dequantize differently)."""
+    import hashlib
+
+    import transformers
+
+    from cmc_edge.models import cache_dir
+
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return cache_dir() / "templates" / f"{digest[:24]}-tf{transformers.__version__}"
+
+
+def _load_converted(conv: Path):
+    """(tokenizer, model, meta) from a converted template, or None if it is missing or unreadable."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta_path = conv / "cmc-template.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta = {k: str(meta[k]) for k in ("name", "vocab_hash")}
+        tok = AutoTokenizer.from_pretrained(conv)
+        model = AutoModelForCausalLM.from_pretrained(conv, dtype=torch.float32)
+    except Exception as exc:        # a damaged copy is never used; the GGUF is converted again
+        log.warning("ignoring the converted template in %s (%s); converting the GGUF again", conv, exc)
+        return None
+    return tok, model, meta
+
+
+def _save_converted(conv: Path, tok, model, meta: dict) -> None:
+    """Keep the converted template for the next run (best effort: a failure costs only time)."""
+    import json
+
+    from cmc_edge.artifacts import atomic_dir
+
+    from safetensors.torch import save_model
+
+    try:
+        with atomic_dir(conv, overwrite=True) as tmp:
+            # transformers flags a GGUF-loaded model as quantized and will not save it; its weights are
+            # plain fp32 by now, so they are written directly, with the config minus the GGUF marker.
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tok.save_pretrained(tmp)
+            (tmp / "cmc-template.json").write_text(json.dumps(meta, indent=1) + "\n")
+        log.info("kept the converted template in %s (next runs skip the GGUF conversion)", conv)
+    except Exception as exc:        # best effort: any failure here costs only the next run's time
+        log.warning("could not keep the converted template in %s: %s", conv, exc)
+
+
+def load_template(source: str | Path, device: str = "cpu", *, keep_converted: bool = True) -> Template:
+    """``source``: a ``.gguf`` file, a packaged model name (``smollm2``), or an HF model directory.
+
+    A GGUF is dequantized by transformers (about 30-50 s for SmolLM2 on 2 cores, most of it parsing
+    the file three times); with ``keep_converted`` the result is kept as an HF directory under the
+    cache (``$CMC_EDGE_HOME/templates``, fp32: 4 bytes per parameter) and later runs load that in
+    seconds. The weights are the same either way."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,6 +100,7 @@ def load_template(source: str | Path, device: str = "cpu") -> Template:
 
     path = resolve_model(source)
     log.info("loading template from %s", path)
+    name = None
     try:
         if path.is_file():
             with open(path, "rb") as fh:
@@ -44,10 +108,20 @@ def load_template(source: str | Path, device: str = "cpu") -> Template:
             if magic != b"GGUF":
                 raise InputError(f"{path} is not a GGUF file (bad magic)",
                                  fix="pass a .gguf model file or an HF model directory")
-            kw = {"gguf_file": path.name}
-            tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
-            vocab_hash = read_gguf_vocab(path).hash
+            conv = _converted_dir(path) if keep_converted else None
+            got = _load_converted(conv) if conv else None
+            if got:
+                tok, model, meta = got
+                name, vocab_hash = meta["name"], meta["vocab_hash"]
+            else:
+                kw = {"gguf_file": path.name}
+                tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+                model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+                vocab_hash = read_gguf_vocab(path).hash
+                name = getattr(model.config, "_name_or_path", "") or path.stem
+                if conv:
+                    _save_converted(conv, tok, model, {"source": str(path), "name": str(name),
+                                                       "vocab_hash": vocab_hash})
         elif path.is_dir():
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -68,6 +142,6 @@ def load_template(source: str | Path, device: str = "cpu") -> Template:
     eot = tok.eos_token or ""
     fmt = PromptFormat(chat_template=getattr(tok, "chat_template", None), system_prompt=None,
                        end_of_turn=eot)
-    name = getattr(model.config, "_name_or_path", "") or path.stem
+    name = name or getattr(model.config, "_name_or_path", "") or path.stem
     return Template(model=model, tokenizer=tok, prompt_format=fmt, name=str(name), source=str(path),
                     vocab_size=int(model.config.vocab_size), vocab_hash=vocab_hash)
