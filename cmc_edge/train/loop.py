@@ -83,7 +83,7 @@ class TrainConfig:
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 @contextlib.contextmanager
@@ -94,8 +94,11 @@ def kept_heap():
     its mmap threshold (at most 32 MB) with a fresh mmap each time, so each buffer's pages are
     faulted in and zeroed by the kernel again, step after step: about half of a step's time on 2
     cores (BENCHMARKS.md). With mmap off and trimming off for the duration, freed buffers are reused;
-    on exit glibc's defaults come back and the heap is trimmed. Numbers are unchanged: only where
-    the memory comes from differs."""
+    on exit the heap is trimmed. Numbers are unchanged: only where the memory comes from differs.
+
+    Any mallopt call turns glibc's adaptive mmap threshold off for the rest of the process, so the
+    exit settings are the ones that adaptation reaches (blocks up to 32 MB from the heap, trim above
+    twice that): the decoding that follows in the same process keeps reusing its per-token buffers."""
     import ctypes
     import ctypes.util
 
@@ -110,8 +113,9 @@ def kept_heap():
     try:
         yield True
     finally:
-        mallopt(_M_MMAP_MAX, 65536)                # glibc's defaults
-        mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        mallopt(_M_MMAP_MAX, 65536)                # glibc's default
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)       # where glibc's adaptive threshold tops out (64-bit)
+        mallopt(_M_TRIM_THRESHOLD, 64 << 20)       # and its trim threshold then (2x)
         trim(0)
 
 
