@@ -354,9 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default: {fdef.retain_l2:g}; 0 turns it off)")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--side-by-side", type=int, default=fdef.side_by_side, metavar="N",
-                   help=f"prompts answered at once in the recipe's own answers and checks (default: {fdef.side_by_side}, "
-                        "1.2-1.6x faster "
-                        "than 1 on 2 cores; 1: one by one)")
+                   help="prompts answered at once in the recipe's own answers and checks "
+                        f"(default: {fdef.side_by_side}, 1.2-1.6x faster than 1 on 2 cores; 1: one by one)")
     p.add_argument("--seed", type=int, default=fdef.seed)
     p.add_argument("--overwrite", action="store_true")
 
