@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import statistics
+import sys
 import time
 
 
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     if args.objectives:
         spec = importlib.util.spec_from_file_location("objectives_then", args.objectives)
         then = importlib.util.module_from_spec(spec)
+        sys.modules["objectives_then"] = then            # its dataclasses look their module up
         spec.loader.exec_module(then)
         modules["--objectives"] = then
 
