@@ -27,6 +27,11 @@ class Template:
                 "vocab_hash": self.vocab_hash}
 
 
+def _model_name(model, path: Path) -> str:
+    """The name a template goes by in checkpoints: its config's, else the file's stem."""
+    return getattr(model.config, "_name_or_path", "") or path.stem
+
+
 def _converted_dir(path: Path) -> Path:
     """Where the template converted from the GGUF at ``path`` is kept: the file's SHA-256 and the
     transformers version (a new converter may dequantize differently)."""
@@ -118,7 +123,7 @@ def load_template(source: str | Path, device: str = "cpu", *, keep_converted: bo
                 tok = AutoTokenizer.from_pretrained(path.parent, **kw)
                 model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
                 vocab_hash = read_gguf_vocab(path).hash
-                name = getattr(model.config, "_name_or_path", "") or path.stem
+                name = _model_name(model, path)
                 if conv:
                     _save_converted(conv, tok, model, {"source": str(path), "name": str(name),
                                                        "vocab_hash": vocab_hash})
@@ -142,6 +147,6 @@ def load_template(source: str | Path, device: str = "cpu", *, keep_converted: bo
     eot = tok.eos_token or ""
     fmt = PromptFormat(chat_template=getattr(tok, "chat_template", None), system_prompt=None,
                        end_of_turn=eot)
-    name = name or getattr(model.config, "_name_or_path", "") or path.stem
+    name = name or _model_name(model, path)
     return Template(model=model, tokenizer=tok, prompt_format=fmt, name=str(name), source=str(path),
                     vocab_size=int(model.config.vocab_size), vocab_hash=vocab_hash)
