@@ -232,6 +232,14 @@ def make_configs(names: list[str], system: str | None, delta_alpha: float | None
 
 
 # -- report ----------------------------------------------------------------------------------------
+def write_report(out: Path, report: dict) -> None:
+    """``report`` as JSON at ``out``, replaced whole (never half-written): ``complete`` says whether
+    every configuration asked for is in it."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
 def table(results: list[dict], total: int) -> str:
     """The headline table, then per-instruction loose/strict accuracy for each configuration (percent)."""
     lines = [f"{'config':<14} {'prompt strict':>13} {'prompt loose':>12} {'instr strict':>12} {'instr loose':>11} "
@@ -325,11 +333,6 @@ def _run(args) -> int:
     configs = make_configs(names, args.system, deltas[0].alpha if deltas else None)
     engine = Engine(target, deltas)
     started = datetime.now(timezone.utc)
-    try:
-        results = [run_config(engine, prompts, c, args.max_tokens, progress=not args.quiet,
-                              base_layout=args.base_layout, side_by_side=args.side_by_side) for c in configs]
-    finally:
-        engine.close()
     report = {
         "benchmark": "IFEval", "prompts_file": str(args.prompts), "prompts": len(prompts), "of": len(everything),
         "limit": args.limit, "keys": [p["key"] for p in prompts], "model": args.model, "model_path": str(path),
@@ -337,11 +340,21 @@ def _run(args) -> int:
         "base_layout": args.base_layout if not target.metadata.get("tokenizer.chat_template") else None, "n_ctx": args.n_ctx,
         "threads": target.llm.n_threads, "decoding": "greedy (temperature 0)",
         "checker": f"if-verifiable {metadata.version('if-verifiable')}",
-        "started": started.isoformat(timespec="seconds"), "machine": machine(), "results": results,
+        "started": started.isoformat(timespec="seconds"), "machine": machine(),
+        "configs": [c.name for c in configs], "complete": False, "results": [],
     }
     out = args.out or REPO / "runs" / "ifeval" / f"{Path(path).stem}-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    results = report["results"]
+    try:
+        for c in configs:
+            results.append(run_config(engine, prompts, c, args.max_tokens, progress=not args.quiet,
+                                      base_layout=args.base_layout, side_by_side=args.side_by_side))
+            report["complete"] = len(results) == len(configs)
+            # After every configuration: a run of several hours that stops keeps what it finished.
+            write_report(out, report)
+    finally:
+        engine.close()
     subset = " (stratified subset)" if len(prompts) < len(everything) else ""
     print(f"IFEval, {len(prompts)} of {len(everything)} prompts{subset}, {path.name}, greedy, max {args.max_tokens} "
           f"new tokens, {target.llm.n_threads} llama.cpp threads, {machine()}")

@@ -207,6 +207,31 @@ def test_main_runs_configurations_side_by_side(ifeval, tiny_gguf, bundle, tmp_pa
     assert [r["response"] for r in base["responses"]] != [r["response"] for r in delta["responses"]]
     printed = capsys.readouterr().out
     assert "prompt strict" in printed and "punctuation:no_comma" in printed
+    assert report["complete"] is True and report["configs"] == ["base", "delta"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_run_that_stops_keeps_the_configurations_it_finished(ifeval, tiny_gguf, bundle, tmp_path, monkeypatch):
+    recs = [record(10 + i, ["punctuation:no_comma"], prompt=f"Tell me about the capital {i}") for i in range(2)]
+    prompts = write_jsonl(tmp_path / "p.jsonl", recs)
+    out = tmp_path / "report.json"
+    real, calls = ifeval.run_config, []
+
+    def stops_on_the_second(engine, prompts, config, *a, **k):
+        calls.append(config.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(engine, prompts, config, *a, **k)
+
+    monkeypatch.setattr(ifeval, "run_config", stops_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        ifeval.main(["--model", str(tiny_gguf), "--prompts", str(prompts), "--max-tokens", "4", "--n-ctx", "256",
+                     "--threads", "1", "--delta", str(bundle), "--config", "base", "--config", "delta",
+                     "--out", str(out), "--quiet"])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["configs"] == ["base", "delta"]
+    assert [r["config"]["name"] for r in report["results"]] == ["base"]
+    assert len(report["results"][0]["responses"]) == 2
 
 
 # -- bad input -----------------------------------------------------------------------------------------
