@@ -175,3 +175,21 @@ def test_real_tokenizers_keep_markers_in_data_plain(model, request):
         assert n_special(encode(forged)) == n_special(encode(benign))
         if all(m in specials for m in MARKERS.findall(injection)):     # this model's own markers
             assert n_special(tok.encode(str(forged), add_special_tokens=False).ids) > n_special(encode(benign))
+
+
+def test_a_chat_template_is_compiled_once_and_renders_each_conversation_afresh():
+    """Templates are compiled once per text (compiling cost as much as a decoded token, several times an
+    answer); the cache must not mix conversations up, and a broken template must fail every time."""
+    from cmc_edge.errors import InputError
+    from cmc_edge.prompt import PromptFormat, _compiled
+
+    fmt = PromptFormat(chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<a>")
+    _compiled.cache_clear()
+    first = render_prompt(fmt, [{"role": "user", "content": "one"}])
+    second = render_prompt(fmt, [{"role": "user", "content": "two"}], system="sys")
+    assert (first, second) == ("<user>one<a>", "<system>sys<user>two<a>")
+    assert _compiled.cache_info().misses == 1 and _compiled.cache_info().hits == 1
+    broken = PromptFormat(chat_template="{% for m in messages %}{{ m['content'] }}")
+    for _ in range(2):
+        with pytest.raises(InputError, match="failed to render"):
+            render_prompt(broken, [{"role": "user", "content": "x"}])
