@@ -102,3 +102,23 @@ def test_answer_all_side_by_side_matches_one_by_one(tiny_gguf):
     one = answer_all(eng, qs, max_tokens=10, stop=())
     many = answer_all(eng, qs, max_tokens=10, stop=(), side_by_side=3)
     assert [(a.prompt, a.text, a.tokens) for a in one] == [(a.prompt, a.text, a.tokens) for a in many]
+
+
+def test_blocklist_answers_decode_again_only_where_a_banned_token_was_chosen(tiny_gguf):
+    """The shortcut gives the answers of decoding every prompt with the bans, and decodes again only
+    the answers that chose a banned token."""
+    from cmc_edge.recipes.scaffold import answer_all, blocklist_answers
+
+    eng = Engine(TargetLLM(tiny_gguf, n_ctx=256, n_threads=1))
+    qs = ["hello", "Who wrote Hamlet?", "2 + 2 =", "a", "bonjour", "Name a colour"]
+    alone = answer_all(eng, qs, max_tokens=10, stop=())
+    spared = next(k for k in range(1, len(qs)) if set(alone[k].ids) != set(alone[0].ids))
+    bans = sorted(set(alone[0].ids) - set(alone[spared].ids))
+    hit = sum(bool(set(bans) & set(a.ids)) for a in alone)
+    assert bans and 1 <= hit < len(qs)
+    full = answer_all(eng, qs, max_tokens=10, stop=(), logit_bias=[(t, -math.inf) for t in bans])
+    quick, redone = blocklist_answers(eng, qs, alone, bans, max_tokens=10, stop=())
+    assert redone == hit
+    assert [(a.text, a.ids) for a in quick] == [(a.text, a.ids) for a in full]
+    assert not any(set(bans) & set(a.ids) for a in quick)
+    assert quick[0].ids != alone[0].ids

@@ -504,7 +504,7 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
     """One model on the test split: alone, with the filter, and with the blocklist."""
     from cmc_edge.eval.runner import perplexity
     from cmc_edge.models import resolve_model
-    from cmc_edge.recipes.scaffold import answer_all, banned_tokens
+    from cmc_edge.recipes.scaffold import answer_all, banned_tokens, blocklist_answers
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.runtime.target import TargetLLM
 
@@ -516,17 +516,23 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
     prompts = [it["prompt"] for it in items]
     out = {"model": name, "variant": delta.variant, "map": "identity" if delta.map.is_identity else "pm-mined",
            "banned_tokens": len(bans)}
-    rows = {}
-    for cond, a, bias in (("alone", 0.0, ()), ("filter", alpha, ()), ("blocklist", 0.0, tuple((t, -math.inf) for t in bans))):
+    rows, got = {}, {}
+    for cond, a in (("alone", 0.0), ("filter", alpha), ("blocklist", 0.0)):
         t0 = time.perf_counter()
-        answers = answer_all(engine, prompts, alphas=[a], max_tokens=cfg.check_tokens, logit_bias=bias,
-                             desc=f"{name} {cond}", side_by_side=cfg.side_by_side)
+        if cond == "blocklist":
+            got[cond], redone = blocklist_answers(engine, prompts, got["alone"], bans, max_tokens=cfg.check_tokens,
+                                                  side_by_side=cfg.side_by_side, desc=f"{name} {cond}")
+        else:
+            got[cond] = answer_all(engine, prompts, alphas=[a], max_tokens=cfg.check_tokens,
+                                   desc=f"{name} {cond}", side_by_side=cfg.side_by_side)
         secs = time.perf_counter() - t0
-        rows[cond] = score(items, answers)
+        rows[cond] = score(items, got[cond])
         out[cond] = summarize(rows[cond])
-        out[cond]["tokens_per_s"] = sum(x.tokens for x in answers) / secs    # throughput, prompts included
         if cond != "blocklist":
+            out[cond]["tokens_per_s"] = sum(x.tokens for x in got[cond]) / secs    # throughput, prompts included
             out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
+        else:
+            out[cond]["decoded_again"] = redone     # the rest chose no banned token: the answer alone is theirs
     prose = set(target.tokenize(text))
     out["blocklist"]["ppl"] = out["alone"]["ppl"] if not prose & set(bans) else math.inf
     out["blocklist"]["banned_prose_tokens"] = len(prose & set(bans))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Answer:
     text: str
     tokens: int
     seconds: float
+    ids: tuple[int, ...] = ()          # the generated token ids
 
 
 def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None = None, max_tokens: int = 32,
@@ -85,7 +87,7 @@ def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None
                 gen.read()
                 gens.append(gen)
                 bar.update()
-    return [Answer(p, g.text, len(g.tokens), g.seconds) for p, g in zip(prompts, gens)]
+    return [Answer(p, g.text, len(g.tokens), g.seconds, tuple(g.tokens)) for p, g in zip(prompts, gens)]
 
 
 def tokens_per_second(answers: Sequence[Answer]) -> float:
@@ -165,6 +167,25 @@ def banned_tokens(target, strings: Sequence[str], min_chars: int = 2) -> tuple[i
         if len(t) >= min_chars and any(w.startswith(t) or t.startswith(w) for w in variants):
             out.append(i)
     return tuple(out)
+
+
+def blocklist_answers(engine, prompts: Sequence[str], alone: Sequence[Answer], bans: Sequence[int], *,
+                      max_tokens: int, stop: tuple[str, ...] = ("\n\n",), side_by_side: int = 1,
+                      desc: str | None = None) -> tuple[list[Answer], int]:
+    """The blocklist's greedy answers (``bans`` at a logit bias of -inf), given the same engine's
+    greedy answers ``alone`` without bans: where an answer chose no banned token, the bans changed no
+    step's choice (they only lower tokens that were not chosen), so it is the blocklist's answer
+    too; only the others are decoded again (``alone`` must come from the same ``max_tokens`` and
+    ``stop``). Returns (answers, how many were decoded again)."""
+    banned = set(bans)
+    redo = [k for k, a in enumerate(alone) if banned.intersection(a.ids)]
+    got = answer_all(engine, [prompts[k] for k in redo], alphas=[0.0] * len(engine.deltas), max_tokens=max_tokens,
+                     stop=stop, logit_bias=tuple((t, -math.inf) for t in bans), desc=desc,
+                     side_by_side=side_by_side) if redo else []
+    out = list(alone)
+    for k, a in zip(redo, got):
+        out[k] = a
+    return out, len(redo)
 
 
 class Stopwatch:
