@@ -517,22 +517,20 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
     out = {"model": name, "variant": delta.variant, "map": "identity" if delta.map.is_identity else "pm-mined",
            "banned_tokens": len(bans)}
     rows, got = {}, {}
-    for cond, a in (("alone", 0.0), ("filter", alpha), ("blocklist", 0.0)):
+    for cond, a in (("alone", 0.0), ("filter", alpha)):
         t0 = time.perf_counter()
-        if cond == "blocklist":
-            got[cond], redone = blocklist_answers(engine, prompts, got["alone"], bans, max_tokens=cfg.check_tokens,
-                                                  side_by_side=cfg.side_by_side, desc=f"{name} {cond}")
-        else:
-            got[cond] = answer_all(engine, prompts, alphas=[a], max_tokens=cfg.check_tokens,
-                                   desc=f"{name} {cond}", side_by_side=cfg.side_by_side)
+        got[cond] = answer_all(engine, prompts, alphas=[a], max_tokens=cfg.check_tokens,
+                               desc=f"{name} {cond}", side_by_side=cfg.side_by_side)
         secs = time.perf_counter() - t0
         rows[cond] = score(items, got[cond])
         out[cond] = summarize(rows[cond])
-        if cond != "blocklist":
-            out[cond]["tokens_per_s"] = sum(x.tokens for x in got[cond]) / secs    # throughput, prompts included
-            out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
-        else:
-            out[cond]["decoded_again"] = redone     # the rest chose no banned token: the answer alone is theirs
+        out[cond]["tokens_per_s"] = sum(x.tokens for x in got[cond]) / secs    # throughput, prompts included
+        out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
+    # Only the answers alone that chose a banned token are decoded again: the rest are the blocklist's.
+    blocked, redone = blocklist_answers(engine, prompts, got["alone"], bans, max_tokens=cfg.check_tokens,
+                                        side_by_side=cfg.side_by_side, desc=f"{name} blocklist")
+    rows["blocklist"] = score(items, blocked)
+    out["blocklist"] = {**summarize(rows["blocklist"]), "decoded_again": redone}
     prose = set(target.tokenize(text))
     out["blocklist"]["ppl"] = out["alone"]["ppl"] if not prose & set(bans) else math.inf
     out["blocklist"]["banned_prose_tokens"] = len(prose & set(bans))
