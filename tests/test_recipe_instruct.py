@@ -97,8 +97,58 @@ def test_no_training_text_shares_five_words_with_an_ifeval_prompt():
         return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
     ifeval = set().union(*(grams(json.loads(line)["prompt"]) for line in IFEVAL.read_text().splitlines() if line))
-    ours = [t for t, _ in ins.TASKS] + [w for r in ins.RULES for w in r.wordings]
+    train, _ = ins.split_tasks()
+    ours = ([t for t, _ in ins.TASKS] + [w for r in ins.RULES for w in r.wordings] + list(ins.UNTAUGHT)
+            + list(ins.END_PHRASES) + ins.retain_prompts(train))
     assert [t for t in ours if grams(t) & ifeval] == []
     # the check itself bites: an IFEval sentence is found
     first = json.loads(IFEVAL.read_text().splitlines()[0])["prompt"]
     assert grams(first) & ifeval
+
+
+def test_a_postscript_is_the_templates_own_last_sentence_and_only_its_marker_is_taught():
+    """No fixed postscript text to learn (six of them fired unasked on IFEval): the body is the
+    template's last sentence, kept (KL), so cross-entropy falls on the marker alone."""
+    rule = next(r for r in ins.RULES if r.id == "detectable_content:postscript")
+    sents = ins.sentences(ANSWER)
+    sft, _, _ = ins.build_records(list(ins.TASKS[:12]), [ANSWER] * 12, per_task=8, seed=3)
+    recs = [r for r in sft if r["instructions"] == [rule.id]]
+    assert recs
+    for r in recs:
+        marker = r["kwargs"][0]["postscript_marker"]
+        assert r["response"].endswith(f"\n\n{marker} {sents[-1]}") and sents[-1] in r["keep"]
+        taught = r["response"]
+        for k in r["keep"]:
+            taught = taught.replace(k, "")
+        assert taught.split() == [marker]
+    assert rule.edit(["Only one sentence."], {"postscript_marker": "P.S."}, "t", "T") is None
+
+
+@pytest.mark.parametrize("text, kinds", [
+    ("<<Bees>>\n\nBees make honey.", ["title"]),
+    ('{\n  "answer": "Bees make honey."\n}', ["json"]),
+    ('"Bees make honey."', ["quotation"]),
+    ("Bees make honey.\n\nP.P.S They sting.", ["postscript"]),
+    ("Bees make honey. Stay curious.", ["end phrase"]),
+    ("Bees make honey.\n\n***\n\nThey sting.", ["divider"]),
+    ("Section 1\nBees make honey.", ["sections"]),
+    ("bees make honey and live in hives together.", ["lowercase"]),
+    ("BEES MAKE HONEY AND LIVE IN HIVES TOGETHER.", ["capitals"]),
+    ("Bees make honey. They live in hives, and a keeper says: \"calm\".", []),
+    ("A p.s. in the middle is fine. Part of the hive is warm.", []),
+])
+def test_unasked_formats_names_each_taught_format_and_nothing_in_plain_prose(text, kinds):
+    assert ins.unasked_formats(text) == kinds
+
+
+def test_retain_prompts_hold_untaught_instructions_and_broad_prompts_never_a_held_out_task():
+    from cmc_edge.eval.demo_data import BROAD_PROMPTS
+
+    train, held = ins.split_tasks()
+    got = ins.retain_prompts(train)
+    assert got[:len(train)] == [f"{t} {ins.UNTAUGHT[i % len(ins.UNTAUGHT)]}" for i, (t, _) in enumerate(train)]
+    assert set(BROAD_PROMPTS) - set(ins.NOT_BROAD) <= set(got) and len(set(got)) == len(got)
+    assert not set(ins.NOT_BROAD) & set(got) and set(ins.NOT_BROAD) <= set(BROAD_PROMPTS)
+    assert not any(p.startswith(t) for p in got for t, _ in held)
+    # no untaught instruction asks for a taught format
+    assert not any(ins.unasked_formats(u) for u in ins.UNTAUGHT)

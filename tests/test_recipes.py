@@ -143,7 +143,7 @@ def test_instruct_recipe_runs_on_the_scaffold_with_its_own_training_config(tiny_
     from cmc_edge.recipes import instruct as ins
 
     monkeypatch.setattr(ins, "TASKS", ins.TASKS[:10])
-    monkeypatch.setattr(scaffold, "template_answers", lambda path, prompts, n: [
+    monkeypatch.setattr(scaffold, "template_answers", lambda path, prompts, n, side_by_side=1: [
         "Bees need care. A keeper checks the hives. Honey comes in summer. Smoke keeps bees calm."] * len(prompts))
     assert main(["demo", "--recipe", "instruct", "--steps", "5", "--out", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
@@ -157,12 +157,20 @@ def test_instruct_recipe_runs_on_the_scaffold_with_its_own_training_config(tiny_
     assert (c.objective, c.steps, c.delta_ends_turn, c.max_len) == ("sft", 5, True, 256)
     sft = [json.loads(x) for x in t["records"]["sft"]]
     retain = [json.loads(x) for x in t["records"]["retain"]]
-    assert [r["prompt"] for r in retain] == [task for task, _ in ins.split_tasks(ins.TASKS)[0]]
+    train, held = ins.split_tasks(ins.TASKS)
+    # retain: each training task alone, then with an untaught instruction, then the broad prompts
+    assert [r["prompt"] for r in retain] == [task for task, _ in train] + ins.retain_prompts(train)
+    assert any(r["prompt"] == f"{train[0][0]} {ins.UNTAUGHT[0]}" for r in retain)
+    assert not any(r["prompt"].startswith(task) for r in retain for task, _ in held)
     assert sft and all(r["prompt"] not in {x["prompt"] for x in retain} for r in sft)
     items = json.loads((run / "check_items.json").read_text())
     assert len(items) == 2 * 3                      # two held-out tasks, three prompts each
+    assert res["plain_items"] == 2 * 2              # each held-out task plain and with an untaught instruction
     for m in res["models"]:
         for cond in ("base", "delta"):
             rows = m[cond]["samples"]
             assert len(rows) == len(items)
             assert m[cond]["prompt_strict"] == sum(all(v["strict"] for v in r["verdicts"]) for r in rows) / len(rows)
+            plain = m[cond]["plain_samples"]
+            assert [r["prompt"] for r in plain] == [t for t, _ in held] + ins.untaught_prompts(held)
+            assert m[cond]["unasked"] == sum(bool(ins.unasked_formats(r["output"])) for r in plain) / len(plain)

@@ -9,13 +9,16 @@ No IFEval prompt, and nothing close to one, is training data (a test checks the 
 The data is the template's own answer, edited by rule to follow the constraint and kept only when
 IFEval's checker (:mod:`cmc_edge.eval.instructions`, the ``if-verifiable`` package) accepts it:
 
-* each task alone, with the template's answer as it is: ``retain`` (KL to the template), so the
-  delta stays silent when nothing is asked of it;
+* each task alone, each task with an instruction the recipe does not teach (:data:`UNTAUGHT`), and
+  broad writing prompts, with the template's answer as it is: ``retain`` (KL to the template), so
+  the delta stays silent when nothing it was taught is asked;
 * each task with one or two constraints appended, with the edited answer: ``sft`` (cross-entropy).
+  Where the edit keeps the template's words they are held by KL too; only the format is learnt.
 
 One task in five is held out: its constrained prompts (new task, seen kinds of constraint) judge
-each model with and without the delta, by the same checker. IFEval itself is run by
-``bench/ifeval.py`` on the bundle this recipe writes.
+each model with and without the delta, by the same checker, and its plain and untaught prompts
+count the answers that show a taught format nobody asked for (:func:`unasked_formats`). IFEval
+itself is run by ``bench/ifeval.py`` on the bundle this recipe writes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import logging
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -46,6 +50,7 @@ class InstructConfig(RecipeConfig):
     # answering other questions than asked (runs/instruct/instruct-20261202-020802).
     keep_words: bool = True
     kl_weight: float = 3.0
+    side_by_side: int = 8          # prompts answered at once (template answers and the check)
 
     def train_config(self, **extra):
         return super().train_config(max_len=self.max_len, **extra)
@@ -131,10 +136,23 @@ def sentences(text: str) -> list[str]:
 
 
 # -- the constraints ----------------------------------------------------------------------------------
-END_PHRASES = ("That is all for now.", "Hope this is useful!", "Thanks for reading.", "Any other questions?",
-               "Let me know what you think.", "Enjoy!")
-POSTSCRIPTS = ("I can add more detail if you like.", "Write back with any follow-up.", "This is only a short guide.",
-               "Small steps add up.")
+# The end phrase is copied from the prompt, so it is drawn from many: with six, the delta learnt the
+# phrases themselves and wrote them where nobody asked (IFEval, runs/ifeval/*-full.json).
+END_PHRASES = ("That is all for now.", "Hope this is useful!", "Thanks for reading.", "Have a lovely day.",
+               "Let me know what you think.", "Enjoy!", "Good luck with it.", "Until next time.", "Happy learning!",
+               "That covers the basics.", "Take care.", "Best wishes to you.", "See you soon.", "Onward!",
+               "The end.", "Cheers!", "Stay curious.", "All the best.", "Over and out.", "More soon.",
+               "Thank you for asking.", "Try it and see.")
+
+# Instructions this recipe does not teach, our own wordings: each training task is also asked with one
+# of them, and the template's answer is held by KL (retain), so the delta learns to stay silent where
+# a prompt asks for something it was not taught, instead of adding a taught format nobody asked for.
+UNTAUGHT = ("Keep a cheerful tone.", "Explain it the way you would to a ten-year-old.",
+            "Mention one common mistake people make.", "Include a small everyday example.",
+            "Be practical and specific.", "Write it for a school newsletter.", "Say something about safety too.",
+            "Focus on the single most important point.", "Sound like a friendly neighbour.",
+            "Add a fun fact if you know one.", "Imagine you are talking to a tourist.",
+            "Compare it with something familiar.")
 
 
 @dataclass(frozen=True)
@@ -201,6 +219,12 @@ def _fewer_words(s, kw, task, title):
     return out or None
 
 
+def _postscript(s, kw, task, title):
+    """The template's last sentence moved into the postscript: the delta learns the marker, and the
+    postscript's words are the template's own (kept), never a fixed text it could repeat unasked."""
+    return None if len(s) < 2 else " ".join(s[:-1]) + f"\n\n{kw['postscript_marker']} " + s[-1]
+
+
 def _keywords(rng, task, title, sents):
     words = sorted({w.lower() for w in re.findall(r"[A-Za-z]{6,}", " ".join(sents))})
     return {"keywords": rng.sample(words, 2)} if len(words) >= 2 else {"keywords": []}
@@ -225,8 +249,7 @@ RULES: tuple[Rule, ...] = (
     Rule("detectable_content:postscript", "end",
          ("Add a note at the very end that starts with {postscript_marker}",
           "After your answer, include a short postscript beginning with {postscript_marker}"),
-         lambda rng, t, ti, s: {"postscript_marker": rng.choice(("P.S.", "P.P.S"))},
-         lambda s, kw, t, ti: " ".join(s) + f"\n\n{kw['postscript_marker']} " + POSTSCRIPTS[len(s) % len(POSTSCRIPTS)]),
+         lambda rng, t, ti, s: {"postscript_marker": rng.choice(("P.S.", "P.P.S"))}, _postscript),
     Rule("startend:quotation", "wrap",
          ("Put your entire reply inside double quotation marks.", "Wrap the whole answer in double quotes."),
          _none, lambda s, kw, t, ti: '"' + " ".join(s).replace('"', "'") + '"'),
@@ -374,6 +397,53 @@ def build_records(tasks, answers, *, per_task: int, seed: int, check=None,
     return sft, retain, stats
 
 
+def untaught_prompts(tasks) -> list[str]:
+    """Each task with one of :data:`UNTAUGHT` appended (rotating): asked of the template for retain
+    records in training, and of each model in the check of formats added unasked."""
+    return [f"{t} {UNTAUGHT[i % len(UNTAUGHT)]}" for i, (t, _) in enumerate(tasks)]
+
+
+def retain_prompts(train_tasks) -> list[str]:
+    """Prompts whose template answers the delta is held to (KL): the training tasks with an untaught
+    instruction, and the broad writing and question prompts the other recipes hold (never a task
+    of the check)."""
+    from cmc_edge.eval.demo_data import BROAD_PROMPTS
+
+    broad = [p for p in BROAD_PROMPTS if p not in NOT_BROAD]
+    return list(dict.fromkeys(untaught_prompts(train_tasks) + broad))
+
+
+# Broad prompts of the other recipes left out here: each shares a five-word phrase ("write a limerick
+# about a", "the pros and cons of") with an IFEval prompt, and nothing that close is trained.
+NOT_BROAD = ("Write a limerick about a sleepy cat.", "Suggest a name for a pet goldfish.",
+             "What are the pros and cons of working from home?")
+
+
+_UNASKED = (
+    ("title", lambda t: t.lstrip().startswith("<<")),
+    ("json", lambda t: t.lstrip().startswith(("{", "```"))),
+    ("quotation", lambda t: len(t.strip()) > 1 and t.strip()[0] == '"' and t.strip()[-1] == '"'),
+    ("postscript", lambda t: re.search(r"(?m)^\s*P\.\s?(P\.\s?)?S", t) is not None),
+    ("end phrase", lambda t: t.rstrip().endswith(END_PHRASES)),
+    ("divider", lambda t: re.search(r"(?m)^\s*\*\*\*\s*$", t) is not None),
+    ("sections", lambda t: re.search(r"(?m)^(Section|SECTION|Part|Step) \d", t) is not None),
+    ("lowercase", lambda t: sum(c.isalpha() for c in t) >= 20 and t == t.lower()),
+    ("capitals", lambda t: sum(c.isalpha() for c in t) >= 20 and t == t.upper()),
+)
+
+
+def unasked_formats(text: str) -> list[str]:
+    """The taught formats an answer shows (title, JSON, quotation marks, postscript, one of the end
+    phrases, dividers, section labels, all lowercase or capitals): wrong where none was asked.
+
+    >>> unasked_formats("<<Bees>>\\n\\nBees make honey.\\n\\nP.S. They sting.")
+    ['title', 'postscript']
+    >>> unasked_formats("Bees make honey. They live in hives.")
+    []
+    """
+    return [name for name, hit in _UNASKED if hit(text)]
+
+
 def split_tasks(tasks=None) -> tuple[list, list]:
     """(train, held out) of ``tasks`` (default :data:`TASKS`): every fifth task is held out for the
     recipe's own check."""
@@ -397,35 +467,50 @@ def check_items(tasks, answers, *, seed: int, per_task: int = 3) -> list[dict]:
     return out
 
 
-def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: InstructConfig) -> dict:
+def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: InstructConfig,
+                   plain: list[str] = ()) -> dict:
+    """``name`` without and with the delta: the constrained ``items`` scored by IFEval's checker, and
+    the ``plain`` prompts (nothing of the taught kinds asked) for formats added unasked."""
     from cmc_edge.eval.instructions import score
-    from cmc_edge.recipes.scaffold import answer_all, tokens_per_second
+    from cmc_edge.recipes.scaffold import answer_all
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.runtime.target import TargetLLM
 
     target = TargetLLM(model_path, n_ctx=1024, n_threads=2)
     engine = Engine(target, [Delta(bundle, target, alpha=cfg.alpha)])
     out = {"model": name}
+    prompts = [it["prompt"] for it in items] + list(plain)
     for cond, a in (("base", 0.0), ("delta", cfg.alpha)):
-        answers = answer_all(engine, [it["prompt"] for it in items], alphas=[a], max_tokens=cfg.max_tokens, stop=(),
-                             desc=f"{name} {'with' if a else 'without'} delta")
+        t0 = time.perf_counter()
+        answers = answer_all(engine, prompts, alphas=[a], max_tokens=cfg.max_tokens, stop=(),
+                             desc=f"{name} {'with' if a else 'without'} delta", side_by_side=cfg.side_by_side)
+        secs = time.perf_counter() - t0
         rows = [{"prompt": it["prompt"], "output": ans.text, "verdicts": score(it, ans.text)}
                 for it, ans in zip(items, answers)]
+        extra = [{"prompt": ans.prompt, "output": ans.text, "unasked": unasked_formats(ans.text)}
+                 for ans in answers[len(items):]]
         out[cond] = {"prompt_strict": sum(all(v["strict"] for v in r["verdicts"]) for r in rows) / len(rows),
                      "prompt_loose": sum(all(v["loose"] for v in r["verdicts"]) for r in rows) / len(rows),
-                     "tokens_per_s": tokens_per_second(answers), "samples": rows}
+                     "unasked": sum(bool(r["unasked"]) for r in extra) / len(extra) if extra else float("nan"),
+                     "unasked_kinds": dict(Counter(k for r in extra for k in r["unasked"])),
+                     "tokens_per_s": sum(x.tokens for x in answers) / secs,    # throughput, side by side
+                     "samples": rows, "plain_samples": extra}
     engine.close()
     return out
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'model':<9} {'delta':<6} {'followed, strict':>17} {'loose':>7} {'tok/s':>7}"
+    """Per model, without and with the delta: constrained prompts followed (strict, loose), plain
+    prompts answered with a taught format nobody asked for, and decoding throughput."""
+    head = f"{'model':<9} {'delta':<6} {'followed, strict':>17} {'loose':>7} {'format unasked':>15} {'tok/s':>7}"
     lines = [head, "-" * len(head)]
     for row in rows:
         for cond in ("base", "delta"):
             r = row[cond]
+            unasked = r.get("unasked", float("nan"))
+            cell = f"{100 * unasked:>14.1f}%" if unasked == unasked else f"{'-':>15}"
             lines.append(f"{row['model']:<9} {'on' if cond == 'delta' else 'off':<6} {100 * r['prompt_strict']:>16.1f}% "
-                         f"{100 * r['prompt_loose']:>6.1f}% {r['tokens_per_s']:>7.1f}")
+                         f"{100 * r['prompt_loose']:>6.1f}% {cell} {r['tokens_per_s']:>7.1f}")
     return "\n".join(lines)
 
 
@@ -442,29 +527,34 @@ def run_instruct_recipe(cfg: InstructConfig) -> dict:
     paths = {m: resolve_model(m) for m in cfg.models}
     train_tasks, held = split_tasks()
     with sw("data_s"):
-        answers = template_answers(paths["smollm2"], [t for t, _ in TASKS], cfg.answer_tokens)
+        kept_prompts = retain_prompts(train_tasks)
+        answers = template_answers(paths["smollm2"], [t for t, _ in TASKS] + kept_prompts, cfg.answer_tokens,
+                                   side_by_side=cfg.side_by_side)
         by_task = dict(zip(TASKS, answers))
         sft, retain, stats = build_records(train_tasks, [by_task[t] for t in train_tasks], per_task=cfg.per_task,
                                            seed=cfg.seed, keep_words=cfg.keep_words)
+        retain += [{"prompt": p, "response": a} for p, a in zip(kept_prompts, answers[len(TASKS):]) if a.strip()]
+        stats["retain"] = len(retain)
         write_jsonl(run_dir / "sft.jsonl", [training_record(r) for r in sft])
         write_jsonl(run_dir / "retain.jsonl", retain)
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         items = check_items(held, [by_task[t] for t in held], seed=cfg.seed)
+        plain = [t for t, _ in held] + untaught_prompts(held)
         (run_dir / "check_items.json").write_text(json.dumps(items, indent=1) + "\n")
-    log.info("training data: %d constrained (sft), %d plain (retain); %d held-out check prompts",
-             len(sft), len(retain), len(items))
+    log.info("training data: %d constrained (sft), %d plain (retain); %d held-out check prompts, %d plain",
+             len(sft), len(retain), len(items), len(plain))
     with sw("train_export_s"):
         bundle = train_and_export(run_dir, paths["smollm2"], cfg.train_config(), roles=("sft", "retain"),
                                   max_len=cfg.max_len)
     rows = []
     for name in cfg.models:
         with sw(f"eval_{name}_s"):
-            rows.append(evaluate_model(name, paths[name], bundle, items, cfg))
+            rows.append(evaluate_model(name, paths[name], bundle, items, cfg, plain))
     timings = {**sw.seconds, "total_s": sw.total}
     table = format_table(rows)
     result = {"recipe": "instruct", "config": {k: (str(v) if isinstance(v, Path) else v)
                                                for k, v in asdict(cfg).items()},
-              "data": stats, "check_items": len(items), "models": rows, "timings": timings, "table": table,
+              "data": stats, "check_items": len(items), "plain_items": len(plain), "models": rows, "timings": timings, "table": table,
               "bundle": str(bundle), "run_dir": str(run_dir)}
     (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result

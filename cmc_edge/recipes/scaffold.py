@@ -130,10 +130,11 @@ def template_engine(model_path, n_ctx: int = 1024):
     return Engine(TargetLLM(model_path, n_ctx=n_ctx, n_threads=2), overlap=False)
 
 
-def template_answers(model_path, prompts, max_tokens: int) -> list[str]:
+def template_answers(model_path, prompts, max_tokens: int, side_by_side: int = 1) -> list[str]:
     """The template's own greedy answers (llama.cpp), used as retain targets for broad prompts."""
     eng = template_engine(model_path, n_ctx=512)
-    return [a.text.strip() for a in answer_all(eng, prompts, max_tokens=max_tokens, stop=())]
+    return [a.text.strip() for a in answer_all(eng, prompts, max_tokens=max_tokens, stop=(),
+                                               side_by_side=side_by_side)]
 
 
 def train_and_export(run_dir: Path, template_path, train_cfg, roles=("forget", "retain"), *,
