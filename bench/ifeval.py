@@ -147,6 +147,15 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def unasked(rows: list[dict], prompts: list[dict]) -> dict:
+    """``{"share", "kinds"}``: answers that show a format the instruction recipe teaches (a <<title>>,
+    JSON, a postscript, its end phrases, ...) where their prompt's instructions did not ask for it
+    (:func:`cmc_edge.recipes.instruct.unasked_formats`): where a delta's formats fire unasked."""
+    from cmc_edge.recipes.instruct import unasked_summary
+
+    return unasked_summary([r["response"] for r in rows], [p["instruction_id_list"] for p in prompts])
+
+
 # -- generation ------------------------------------------------------------------------------------
 def request(engine, record: dict, config: Config, max_tokens: int, base_layout: str = "line"):
     """(messages, sampling params, chat template override) for one IFEval prompt under ``config``.
@@ -208,8 +217,10 @@ def run_config(engine, prompts: list[dict], config: Config, max_tokens: int, pro
              "seconds": round(gen.seconds, 3), "verdicts": score(rec, gen.text)} for rec, gen in zip(prompts, gens)]
     tokens = sum(r["tokens"] for r in rows)
     secs = wall if side_by_side > 1 else sum(r["seconds"] for r in rows)
+    summary = summarize(rows)
+    summary["unasked"] = unasked(rows, prompts)
     return {"config": {"name": config.name, "alpha": config.alpha, "system": config.system},
-            "summary": summarize(rows), "wall_s": round(wall, 1), "tokens": tokens, "side_by_side": side_by_side,
+            "summary": summary, "wall_s": round(wall, 1), "tokens": tokens, "side_by_side": side_by_side,
             "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
             "finish_reasons": dict(Counter(r["finish_reason"] for r in rows)), "responses": rows}
 
@@ -243,14 +254,14 @@ def write_report(out: Path, report: dict) -> None:
 def table(results: list[dict], total: int) -> str:
     """The headline table, then per-instruction loose/strict accuracy for each configuration (percent)."""
     lines = [f"{'config':<14} {'prompt strict':>13} {'prompt loose':>12} {'instr strict':>12} {'instr loose':>11} "
-             f"{'wall s':>8} {'s/prompt':>8} {'tok/s':>6} {'capped':>6} {'full-run est.':>13}"]
+             f"{'unasked':>8} {'wall s':>8} {'s/prompt':>8} {'tok/s':>6} {'capped':>6} {'full-run est.':>13}"]
     for r in results:
         s, n = r["summary"], r["summary"]["prompts"]
         capped = r["finish_reasons"].get("length", 0)
         est = r["wall_s"] / n * total / 60
         lines.append(f"{r['config']['name']:<14} {100 * s['prompt_strict']:>13.1f} {100 * s['prompt_loose']:>12.1f} "
                      f"{100 * s['instruction_strict']:>12.1f} {100 * s['instruction_loose']:>11.1f} "
-                     f"{r['wall_s']:>8.1f} {r['wall_s'] / n:>8.2f} {r['tokens_per_s']:>6.1f} {capped:>3}/{n:<2} "
+                     f"{100 * s.get('unasked', {}).get('share', float('nan')):>8.1f} {r['wall_s']:>8.1f} {r['wall_s'] / n:>8.2f} {r['tokens_per_s']:>6.1f} {capped:>3}/{n:<2} "
                      f"{est:>9.0f} min")
     lines.append("")
     names = " ".join(f"{r['config']['name']:>14}" for r in results)

@@ -94,6 +94,16 @@ def test_summary_prompt_and_instruction_levels(ifeval):
     assert s["per_instruction"]["b:y"] == {"n": 1, "strict": 0.0, "loose": 1.0}
 
 
+def test_unasked_counts_a_taught_format_only_where_the_prompt_did_not_ask_for_it(ifeval):
+    prompts = [record(1, ["detectable_format:title"]), record(2, ["punctuation:no_comma"]),
+               record(3, ["punctuation:no_comma"]), record(4, ["change_case:english_lowercase"])]
+    rows = [{"response": "<<Bees>>\n\nBees make honey."},             # asked: not counted
+            {"response": "<<Bees>>\n\nBees make honey\n\nP.S. they sting"},   # two unasked
+            {"response": "Bees make honey. They live in hives."},         # plain
+            {"response": "bees make honey and they live in hives all year."}]   # lowercase, asked
+    assert ifeval.unasked(rows, prompts) == {"share": 0.25, "kinds": {"title": 1, "postscript": 1}}
+
+
 # -- the fixed stratified subset ---------------------------------------------------------------------
 def synthetic(sizes: dict[str, int]) -> list[dict]:
     out, key = [], 100
@@ -203,6 +213,8 @@ def test_main_runs_configurations_side_by_side(ifeval, tiny_gguf, bundle, tmp_pa
     for res in (base, delta):
         assert [r["key"] for r in res["responses"]] == subset
         assert res["summary"]["instructions"] == 3
+        assert res["summary"]["unasked"] == ifeval.unasked(
+            res["responses"], [next(p for p in recs if p["key"] == k) for k in subset])
         assert all(len(r["verdicts"]) == 1 and r["tokens"] <= 12 for r in res["responses"])
     assert [r["response"] for r in base["responses"]] != [r["response"] for r in delta["responses"]]
     printed = capsys.readouterr().out

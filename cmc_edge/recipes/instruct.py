@@ -419,29 +419,45 @@ NOT_BROAD = ("Write a limerick about a sleepy cat.", "Suggest a name for a pet g
              "What are the pros and cons of working from home?")
 
 
+# Each taught format, the IFEval instructions that ask for it, and how an answer shows it.
 _UNASKED = (
-    ("title", lambda t: t.lstrip().startswith("<<")),
-    ("json", lambda t: t.lstrip().startswith(("{", "```"))),
-    ("quotation", lambda t: len(t.strip()) > 1 and t.strip()[0] == '"' and t.strip()[-1] == '"'),
-    ("postscript", lambda t: re.search(r"(?m)^\s*P\.\s?(P\.\s?)?S", t) is not None),
-    ("end phrase", lambda t: t.rstrip().endswith(END_PHRASES)),
-    ("divider", lambda t: re.search(r"(?m)^\s*\*\*\*\s*$", t) is not None),
-    ("sections", lambda t: re.search(r"(?m)^(Section|SECTION|Part|Step) \d", t) is not None),
-    ("lowercase", lambda t: sum(c.isalpha() for c in t) >= 20 and t == t.lower()),
-    ("capitals", lambda t: sum(c.isalpha() for c in t) >= 20 and t == t.upper()),
+    ("title", ("detectable_format:title",), lambda t: t.lstrip().startswith("<<")),
+    ("json", ("detectable_format:json_format",), lambda t: t.lstrip().startswith(("{", "```"))),
+    ("quotation", ("startend:quotation",),
+     lambda t: len(t.strip()) > 1 and t.strip()[0] == '"' and t.strip()[-1] == '"'),
+    ("postscript", ("detectable_content:postscript",), lambda t: re.search(r"(?m)^\s*P\.\s?(P\.\s?)?S", t) is not None),
+    ("end phrase", ("startend:end_checker",), lambda t: t.rstrip().endswith(END_PHRASES)),
+    ("divider", ("length_constraints:number_paragraphs",), lambda t: re.search(r"(?m)^\s*\*\*\*\s*$", t) is not None),
+    ("sections", ("detectable_format:multiple_sections",),
+     lambda t: re.search(r"(?m)^(Section|SECTION|Part|Step) \d", t) is not None),
+    ("lowercase", ("change_case:english_lowercase",), lambda t: sum(c.isalpha() for c in t) >= 20 and t == t.lower()),
+    ("capitals", ("change_case:english_capital", "change_case:capital_word_frequency"),
+     lambda t: sum(c.isalpha() for c in t) >= 20 and t == t.upper()),
 )
 
 
-def unasked_formats(text: str) -> list[str]:
+def unasked_formats(text: str, asked=()) -> list[str]:
     """The taught formats an answer shows (title, JSON, quotation marks, postscript, one of the end
-    phrases, dividers, section labels, all lowercase or capitals): wrong where none was asked.
+    phrases, dividers, section labels, all lowercase or capitals) that none of the IFEval
+    instruction ids ``asked`` calls for.
 
     >>> unasked_formats("<<Bees>>\\n\\nBees make honey.\\n\\nP.S. They sting.")
     ['title', 'postscript']
+    >>> unasked_formats("<<Bees>>\\n\\nBees make honey.", asked=["detectable_format:title"])
+    []
     >>> unasked_formats("Bees make honey. They live in hives.")
     []
     """
-    return [name for name, hit in _UNASKED if hit(text)]
+    return [name for name, ids, hit in _UNASKED if not set(ids) & set(asked) and hit(text)]
+
+
+def unasked_summary(texts, asked_lists=None) -> dict:
+    """``{"share", "kinds"}`` over answers: the share showing a taught format their prompt did not ask
+    for (:func:`unasked_formats`), and how many answers show each kind."""
+    asked_lists = asked_lists if asked_lists is not None else [()] * len(texts)
+    found = [unasked_formats(t, a) for t, a in zip(texts, asked_lists)]
+    return {"share": sum(map(bool, found)) / len(found) if found else float("nan"),
+            "kinds": dict(Counter(k for f in found for k in f))}
 
 
 def split_tasks(tasks=None) -> tuple[list, list]:
@@ -491,8 +507,8 @@ def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: 
                  for ans in answers[len(items):]]
         out[cond] = {"prompt_strict": sum(all(v["strict"] for v in r["verdicts"]) for r in rows) / len(rows),
                      "prompt_loose": sum(all(v["loose"] for v in r["verdicts"]) for r in rows) / len(rows),
-                     "unasked": sum(bool(r["unasked"]) for r in extra) / len(extra) if extra else float("nan"),
-                     "unasked_kinds": dict(Counter(k for r in extra for k in r["unasked"])),
+                     "unasked": unasked_summary([r["output"] for r in extra])["share"],
+                     "unasked_kinds": unasked_summary([r["output"] for r in extra])["kinds"],
                      "tokens_per_s": sum(x.tokens for x in answers) / secs,    # throughput, side by side
                      "samples": rows, "plain_samples": extra}
     engine.close()
