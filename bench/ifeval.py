@@ -261,7 +261,8 @@ def table(results: list[dict], total: int) -> str:
         est = r["wall_s"] / n * total / 60
         lines.append(f"{r['config']['name']:<14} {100 * s['prompt_strict']:>13.1f} {100 * s['prompt_loose']:>12.1f} "
                      f"{100 * s['instruction_strict']:>12.1f} {100 * s['instruction_loose']:>11.1f} "
-                     f"{100 * s.get('unasked', {}).get('share', float('nan')):>8.1f} {r['wall_s']:>8.1f} {r['wall_s'] / n:>8.2f} {r['tokens_per_s']:>6.1f} {capped:>3}/{n:<2} "
+                     f"{100 * s.get('unasked', {}).get('share', float('nan')):>8.1f} "
+                     f"{r['wall_s']:>8.1f} {r['wall_s'] / n:>8.2f} {r['tokens_per_s']:>6.1f} {capped:>3}/{n:<2} "
                      f"{est:>9.0f} min")
     lines.append("")
     names = " ".join(f"{r['config']['name']:>14}" for r in results)

@@ -505,10 +505,10 @@ def evaluate_model(name: str, model_path, bundle: Path, items: list[dict], cfg: 
                 for it, ans in zip(items, answers)]
         extra = [{"prompt": ans.prompt, "output": ans.text, "unasked": unasked_formats(ans.text)}
                  for ans in answers[len(items):]]
+        plain_formats = unasked_summary([r["output"] for r in extra])
         out[cond] = {"prompt_strict": sum(all(v["strict"] for v in r["verdicts"]) for r in rows) / len(rows),
                      "prompt_loose": sum(all(v["loose"] for v in r["verdicts"]) for r in rows) / len(rows),
-                     "unasked": unasked_summary([r["output"] for r in extra])["share"],
-                     "unasked_kinds": unasked_summary([r["output"] for r in extra])["kinds"],
+                     "unasked": plain_formats["share"], "unasked_kinds": plain_formats["kinds"],
                      "tokens_per_s": sum(x.tokens for x in answers) / secs,    # throughput, side by side
                      "samples": rows, "plain_samples": extra}
     engine.close()
