@@ -79,7 +79,9 @@ def test_alpha_zero_equals_plain_llama_cpp(trained, model, request):
 
 def test_greedy_equals_pytorch_combined_model_on_the_template_vocabulary(trained, smollm2):
     """The runtime (llama.cpp Q4_1 + ONNX delta) and the training-time model (transformers + PyTorch
-    delta) pick the same greedy tokens on SmolLM2's own vocabulary."""
+    delta) pick the same greedy tokens on SmolLM2's own vocabulary, up to a near tie: llama.cpp
+    multiplies with 8-bit activations, so where the two best tokens are within a fraction of a nat
+    either may win (and the texts go apart from there)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -93,10 +95,13 @@ def test_greedy_equals_pytorch_combined_model_on_the_template_vocabulary(trained
     prompt_ids = tpl.tokenizer(render_prompt(tpl.prompt_format, messages), add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids)
     n_new = 16
+    margins = []
     with torch.no_grad():
         for _ in range(n_new):
             x = torch.tensor([ids])
             c = combine_torch(tpl.model(x).logits[0, -1], delta(x).logits[0, -1], 1.0)
+            top = torch.topk(c, 2).values
+            margins.append(float(top[0] - top[1]))
             ids.append(int(c.argmax()))
     theirs = ids[len(prompt_ids):]
 
@@ -107,7 +112,11 @@ def test_greedy_equals_pytorch_combined_model_on_the_template_vocabulary(trained
     eos = tpl.tokenizer.convert_tokens_to_ids("<|im_end|>")
     if eos in theirs:  # the engine stops at end-of-turn and does not return it
         theirs = theirs[:theirs.index(eos)]
-    assert gen.tokens == theirs, (tpl.tokenizer.decode(gen.tokens), tpl.tokenizer.decode(theirs))
+    same = next((k for k, (a, b) in enumerate(zip(gen.tokens, theirs)) if a != b), min(len(gen.tokens), len(theirs)))
+    if gen.tokens != theirs:
+        # they part only where PyTorch's choice was a near tie, and not before the first 8 tokens
+        assert same >= 8 and same < len(margins) and margins[same] < 0.25, (
+            same, margins, tpl.tokenizer.decode(gen.tokens), tpl.tokenizer.decode(theirs))
 
 
 def test_taught_behaviour_shows_on_the_template(trained, smollm2):

@@ -83,8 +83,11 @@ def test_eval_logits_gives_every_position_in_any_chunking(tiny_gguf):
         target.llm.eval(toks[:3])
         first = target.last_logits()
         rows = np.stack(list(target.eval_logits(toks[3:], chunk=chunk)))
-        np.testing.assert_allclose(first, want[2], rtol=5e-4, atol=1e-3)   # batch shapes round differently
-        np.testing.assert_allclose(rows, want[3:], rtol=5e-4, atol=1e-3)
+        # Batch shapes round differently (AVX-512 kernels: up to ~0.01 on logits of size ~10); a row
+        # off by one position would differ by whole units.
+        np.testing.assert_allclose(first, want[2], rtol=2e-3, atol=2e-2)
+        np.testing.assert_allclose(rows, want[3:], rtol=2e-3, atol=2e-2)
+        assert np.abs(rows[1:] - want[3:-1]).max() > 1.0          # the tolerance does tell positions apart
         assert target.llm.n_tokens == len(toks)
 
 
