@@ -546,3 +546,27 @@ def test_a_converted_template_is_kept_and_loads_the_same_weights_and_tokenizer(t
     third = tm.load_template(tiny_gguf)
     assert tiny_gguf.name in calls and torch.equal(third.model(input_ids=ids).logits, first.model(input_ids=ids).logits)
     assert json.loads((conv / "config.json").read_text())
+
+
+def test_greedy_answers_in_a_padded_batch_are_the_answers_one_at_a_time(template):
+    """The recipes' template answers are decoded many at a time, left-padded: padding must not change
+    an answer, so each equals its greedy decoding alone; one token is the template's argmax."""
+    import torch
+
+    from cmc_edge.prompt import render_prompt
+    from cmc_edge.train.template import greedy_answers
+
+    prompts = ["Hi", "What is the capital of a very long named country far away?", "Tell me a story about a dog."]
+    batched = greedy_answers(template, prompts, 8, batch_size=3)
+    alone = [greedy_answers(template, [p], 8, batch_size=1)[0] for p in prompts]
+    assert batched == alone and any(batched)
+    seen = []
+    assert greedy_answers(template, prompts, 8, batch_size=2, progress=seen.append) == batched and seen == [2, 1]
+    tok = template.tokenizer
+    for p in prompts:
+        ids = tok(render_prompt(template.prompt_format, [{"role": "user", "content": p}]),
+                  add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            first = int(template.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        want = "" if first == tok.eos_token_id else tok.decode([first], skip_special_tokens=True)
+        assert greedy_answers(template, [p, "Hi"], 1, batch_size=2)[0] == want

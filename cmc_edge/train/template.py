@@ -150,3 +150,50 @@ def load_template(source: str | Path, device: str = "cpu", *, keep_converted: bo
     name = name or _model_name(model, path)
     return Template(model=model, tokenizer=tok, prompt_format=fmt, name=str(name), source=str(path),
                     vocab_size=int(model.config.vocab_size), vocab_hash=vocab_hash)
+
+
+def greedy_answers(tpl: Template, prompts, max_tokens: int, *, batch_size: int = 32, progress=None) -> list[str]:
+    """The template's own greedy answers to ``prompts`` (each a user turn), up to ``max_tokens``
+    tokens or its end of turn: the recipes' training data. The same weights and layout the trainer
+    scores them with (torch, float32), many prompts per batch, left-padded and sorted by length:
+    about 2x faster on 2 CPU cores than answering them with llama.cpp (BENCHMARKS.md), whose
+    quantized arithmetic can break a near tie the other way. ``progress(n)`` is called after each
+    batch with the number of prompts answered in it."""
+    import torch
+
+    from cmc_edge.prompt import render_prompt
+
+    tok, model = tpl.tokenizer, tpl.model
+    ends = {tok.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))} - {None}
+    if not ends:
+        raise InputError(f"the template {tpl.name} names no end-of-turn token",
+                         fix="use a chat model whose tokenizer sets eos_token")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(ends)
+    ids = [tok(render_prompt(tpl.prompt_format, [{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
+           for p in prompts]
+    order = sorted(range(len(ids)), key=lambda k: len(ids[k]))
+    out: list[str] = [""] * len(ids)
+    device = next(model.parameters()).device
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        width = max(len(ids[k]) for k in chunk)
+        x = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for row, k in enumerate(chunk):
+            x[row, width - len(ids[k]):] = torch.tensor(ids[k])
+            mask[row, width - len(ids[k]):] = 1
+        with torch.inference_mode():
+            got = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), max_new_tokens=max_tokens,
+                                 do_sample=False, num_beams=1, eos_token_id=sorted(ends), pad_token_id=pad,
+                                 temperature=None, top_p=None, top_k=None)
+        for row, k in enumerate(chunk):
+            new = got[row, width:].tolist()
+            cut = next((i for i, t in enumerate(new) if t in ends), len(new))
+            out[k] = tok.decode(new[:cut], skip_special_tokens=True)
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
