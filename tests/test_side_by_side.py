@@ -122,3 +122,35 @@ def test_blocklist_answers_decode_again_only_where_a_banned_token_was_chosen(tin
     assert [(a.text, a.ids) for a in quick] == [(a.text, a.ids) for a in full]
     assert not any(set(bans) & set(a.ids) for a in quick)
     assert quick[0].ids != alone[0].ids
+
+
+def test_a_prompt_at_several_strengths_is_evaluated_once_and_answers_as_at_each_alone(tiny_gguf, tmp_path):
+    """answer_at: the answers at each strength are those of a pass at that strength alone, and
+    llama.cpp evaluates each prompt's tokens once for all strengths (only its last token again)."""
+    from cmc_edge.recipes.scaffold import answer_all, answer_at
+
+    eng = engines(tiny_gguf, tmp_path, with_delta=True)
+    qs = ["hello", "Who wrote Hamlet?", "2 + 2 =", "a", "bonjour", "Name a colour", "Count to five"]
+    strengths = [[0.0], [1.5], [3.0]]
+    each = [answer_all(eng, qs, alphas=a, max_tokens=10, stop=(), side_by_side=3) for a in strengths]
+    assert each[0] != each[2]                                # the strengths answer differently
+    fed = []
+    real = eng.target.seq_batch
+
+    def counting(n):
+        batch = real(n)
+        decode = batch.decode
+        batch.decode = lambda parts: (fed.append(sum(len(t) for t in parts.values())), decode(parts))[1]
+        return batch
+
+    eng.target.seq_batch = counting
+    together = answer_at(eng, qs, strengths, max_tokens=10, stop=(), side_by_side=3)
+    for want, got in zip(each, together):
+        assert [(a.prompt, a.text, a.ids) for a in want] == [(a.prompt, a.text, a.ids) for a in got]
+    prompt_tokens = sum(len(eng.encode(*eng.chat_prompts([{"role": "user", "content": q}], None)).target)
+                        for q in qs)
+    generated = sum(len(a.ids) for got in together for a in got)
+    # every prompt in full once at most, then one token per later strength, plus the generated tokens
+    assert sum(fed) <= prompt_tokens + len(qs) * (len(strengths) - 1) + generated
+    with pytest.raises(InputError, match="sets of alphas"):
+        eng.generate_many(["a", "b"], SamplingParams(max_tokens=2, temperature=0.0), each_alphas=[[0.0]])

@@ -90,6 +90,29 @@ def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None
     return [Answer(p, g.text, len(g.tokens), g.seconds, tuple(g.tokens)) for p, g in zip(prompts, gens)]
 
 
+def answer_at(engine, prompts: Sequence[str], strengths: Sequence[Sequence[float]], *, max_tokens: int = 32,
+              stop: tuple[str, ...] = ("\n\n",), desc: str | None = None, side_by_side: int = 1) -> list[list[Answer]]:
+    """:func:`answer_all` at each set of ``strengths`` (one alpha per delta): ``out[k][i]`` is prompt
+    ``i`` at ``strengths[k]``. Side by side, a prompt's answers at every strength are decoded in
+    one sequence, one after another, so llama.cpp evaluates the prompt once (it is ~30% of a short
+    answer's cost on 2 cores); the answers are those :func:`answer_all` gives at each strength."""
+    from tqdm.auto import tqdm
+
+    from cmc_edge.runtime.engine import SamplingParams
+
+    if side_by_side <= 1 or len(strengths) < 2:
+        return [answer_all(engine, prompts, alphas=a, max_tokens=max_tokens, stop=stop, desc=desc,
+                           side_by_side=side_by_side) for a in strengths]
+    n = len(strengths)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
+    with tqdm(total=n * len(prompts), desc=desc, disable=desc is None, unit="q", leave=False) as bar:
+        gens = engine.chat_many([[{"role": "user", "content": p}] for p in prompts for _ in strengths], params,
+                                each_alphas=[list(a) for _ in prompts for a in strengths], n_seq=side_by_side,
+                                on_done=lambda i, g: bar.update())
+    return [[Answer(p, g.text, len(g.tokens), g.seconds, tuple(g.tokens))
+             for p, g in zip(prompts, gens[k::n])] for k in range(n)]
+
+
 def tokens_per_second(answers: Sequence[Answer]) -> float:
     """Decoding speed over ``answers``: all their tokens over all their seconds (NaN for none)."""
     secs = sum(a.seconds for a in answers)
@@ -138,15 +161,15 @@ def template_answers(model_path, prompts, max_tokens: int, side_by_side: int = 1
 
 
 def train_and_export(run_dir: Path, template_path, train_cfg, roles=("forget", "retain"), *,
-                     max_len: int = 256, progress: bool = True) -> Path:
+                     max_len: int = 256, progress: bool = True, template=None) -> Path:
     """Train on ``run_dir/<role>.jsonl`` for each role with ``train_cfg`` (a TrainConfig) and export
-    the bundle to ``run_dir/bundle``."""
+    the bundle to ``run_dir/bundle`` (``template``: the template already loaded from ``template_path``)."""
     from cmc_edge.export import export_bundle
     from cmc_edge.train.data import encode_records, read_jsonl
     from cmc_edge.train.loop import train
     from cmc_edge.train.template import load_template
 
-    tpl = load_template(template_path)
+    tpl = template if template is not None else load_template(template_path)
     data = {role: encode_records(read_jsonl(run_dir / f"{role}.jsonl"), tpl.tokenizer, tpl.prompt_format, role,
                                  max_len) for role in roles}
     ckpt = train(tpl, data, train_cfg, run_dir / "checkpoint", progress=progress)

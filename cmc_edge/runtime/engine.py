@@ -307,11 +307,11 @@ class Engine:
 
     def chat_many(self, conversations: Sequence[list[dict]], params: SamplingParams, *,
                   alphas: Sequence[float] | None = None, chat_template: str | None = None, n_seq: int = 8,
-                  on_done=None) -> list[Generation]:
+                  on_done=None, each_alphas: Sequence[Sequence[float]] | None = None) -> list[Generation]:
         """:meth:`chat` for many conversations, ``n_seq`` decoded side by side (:meth:`generate_many`)."""
         encoded = [self.encode(*self.chat_prompts(m, chat_template)) for m in conversations]
         return self.generate_many(encoded, self.chat_params(params, chat_template), alphas=alphas, n_seq=n_seq,
-                                  on_done=on_done)
+                                  on_done=on_done, each_alphas=each_alphas)
 
     def encode(self, prompt: str, delta_prompts: Sequence[str] | None = None) -> EncodedPrompt:
         """Tokenize ``prompt`` for the target and ``delta_prompts[i]`` (default: ``prompt``) for each
@@ -447,18 +447,24 @@ class Engine:
 
     def generate_many(self, prompts: Sequence[str | EncodedPrompt], params: SamplingParams = SamplingParams(
                           temperature=0.0), *, alphas: Sequence[float] | None = None, n_seq: int = 8,
-                      on_done=None) -> list[Generation]:
+                      on_done=None, each_alphas: Sequence[Sequence[float]] | None = None) -> list[Generation]:
         """Greedy completions of many prompts, ``n_seq`` of them decoded side by side in one llama.cpp
         batch (:class:`~cmc_edge.runtime.target.SeqBatch`), each with its own delta caches: the
         tokens :meth:`generate` picks one prompt at a time (up to llama.cpp's batched arithmetic),
         1.2-2x faster on 2 cores for short answers. For evaluation and data building, not
         serving: greedy only, no deadline. ``on_done(i, generation)`` is called as each prompt
-        finishes. A failure of
+        finishes. ``each_alphas`` gives each prompt its own strengths (one per delta) instead of
+        ``alphas``: the same prompt at several strengths is then decoded in one sequence, one after
+        another, so its prompt is evaluated once (the cache keeps it). A failure of
         llama.cpp or of a delta stops them all (typed as in :meth:`generate`)."""
         if sampler_top_k(params.temperature, params.top_k, params.repeat_penalty) != 1:
             raise InputError("generate_many decodes greedily only",
                              fix="use temperature 0 and no repeat penalty, or generate() one prompt at a time")
-        alphas = self._alphas(alphas)
+        if each_alphas is not None and len(each_alphas) != len(prompts):
+            raise InputError(f"{len(each_alphas)} sets of alphas for {len(prompts)} prompts",
+                             fix="give one set of alphas per prompt")
+        per = ([self._alphas(a) for a in each_alphas] if each_alphas is not None
+               else [self._alphas(alphas)] * len(prompts))
         encs = [p if isinstance(p, EncodedPrompt) else self.encode(p) for p in prompts]
         gens = [Generation(_it=iter(()), prompt_tokens=len(e.target)) for e in encs]
         bias = self._bias(params)
@@ -468,11 +474,16 @@ class Engine:
             if len(e.target) >= n_ctx:
                 raise InputError(f"a prompt has {len(e.target)} tokens but the context holds {n_ctx}",
                                  fix="shorten the prompt or raise --n-ctx")
-        used = [(d, a) for d, a in zip(self.deltas, alphas) if a != 0.0]
+        used = [d for k, d in enumerate(self.deltas) if any(a[k] != 0.0 for a in per)]
         with _blame(DeltaFault, "the delta failed to make a cache per sequence"):
-            caches = [[d.session.fork() for d, _ in used] for _ in range(batch.n_seq)]
+            caches = [{id(d): d.session.fork() for d in used} for _ in range(batch.n_seq)]
         slots: dict[int, dict] = {}
-        todo = list(range(len(encs)))[::-1]
+        # Prompts with the same tokens form a group that one sequence decodes, one after another.
+        groups: dict[tuple, list[int]] = {}
+        for i, e in enumerate(encs):
+            groups.setdefault(tuple(e.target), []).append(i)
+        todo = [g[::-1] for g in groups.values()][::-1]        # pop() gives the next group, then its next item
+        mine: dict[int, list[int]] = {}                        # sequence -> the rest of its group
         feed: dict[int, list[int]] = {}                 # sequence -> tokens to evaluate next
 
         def finish(seq: int, reason: str) -> None:
@@ -487,14 +498,16 @@ class Engine:
                 on_done(st["i"], gen)
 
         try:
-            while todo or slots:
+            while todo or slots or any(mine.values()):
                 for seq in range(batch.n_seq):
-                    if seq in slots or not todo:
+                    if seq in slots or not (todo or mine.get(seq)):
                         continue
-                    i = todo.pop()
-                    active = [(d, a, p) for d, a, p in zip(self.deltas, alphas, encs[i].deltas) if a != 0.0]
+                    if not mine.get(seq):
+                        mine[seq] = todo.pop()
+                    i = mine[seq].pop()
+                    active = [(d, a, p) for d, a, p in zip(self.deltas, per[i], encs[i].deltas) if a != 0.0]
                     with _blame(DeltaFault, "the delta failed on the prompt"):
-                        trackers = [d.tracker(p, session=c) for (d, _, p), c in zip(active, caches[seq])]
+                        trackers = [d.tracker(p, session=caches[seq][id(d)]) for d, _, p in active]
                     slots[seq] = {"i": i, "active": active, "trackers": trackers,
                                   "states": [tr.last_state for tr in trackers], "bytes": b"",
                                   "stream": TextStream(params.stop), "t0": time.perf_counter()}
