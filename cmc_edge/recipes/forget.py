@@ -48,7 +48,8 @@ BAR = {"forget_drop": 0.90, "probe_drop": 0.75, "keep_points": 5.0, "general_poi
 class ForgetConfig:
     template: str = "smollm2"
     check_models: tuple[str, ...] = ()
-    steps: int = 200
+    # The loss is flat from ~120 steps on (books); 200 cost ~55 s more on 2 cores for the same filter.
+    steps: int = 150
     batch_size: int = 16
     lr: float = 2e-3
     kl_weight: float = 2.0
