@@ -174,3 +174,26 @@ def test_instruct_recipe_runs_on_the_scaffold_with_its_own_training_config(tiny_
             plain = m[cond]["plain_samples"]
             assert [r["prompt"] for r in plain] == [t for t, _ in held] + ins.untaught_prompts(held)
             assert m[cond]["unasked"] == sum(bool(ins.unasked_formats(r["output"])) for r in plain) / len(plain)
+
+
+def test_template_answers_closes_its_engine_even_when_answering_fails(monkeypatch):
+    """The template's llama.cpp model is freed after its answers (and after a failure): a recipe
+    that loads it again for training and checks must not hold two copies."""
+    closed = []
+
+    class Eng:
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(scaffold, "template_engine", lambda path, n_ctx=1024: Eng())
+    monkeypatch.setattr(scaffold, "answer_all", lambda eng, prompts, **kw: [
+        scaffold.Answer(p, f" {p}! ", 1, 0.0) for p in prompts])
+    assert scaffold.template_answers("m.gguf", ["a", "b"], 4) == ["a!", "b!"] and closed == [True]
+
+    def boom(eng, prompts, **kw):
+        raise RuntimeError("llama.cpp failed")
+
+    monkeypatch.setattr(scaffold, "answer_all", boom)
+    with pytest.raises(RuntimeError):
+        scaffold.template_answers("m.gguf", ["a"], 4)
+    assert closed == [True, True]

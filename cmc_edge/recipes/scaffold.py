@@ -156,8 +156,11 @@ def template_engine(model_path, n_ctx: int = 1024):
 def template_answers(model_path, prompts, max_tokens: int, side_by_side: int = 1) -> list[str]:
     """The template's own greedy answers (llama.cpp), used as retain targets for broad prompts."""
     eng = template_engine(model_path, n_ctx=512)
-    return [a.text.strip() for a in answer_all(eng, prompts, max_tokens=max_tokens, stop=(),
-                                               side_by_side=side_by_side)]
+    try:
+        return [a.text.strip() for a in answer_all(eng, prompts, max_tokens=max_tokens, stop=(),
+                                                   side_by_side=side_by_side)]
+    finally:
+        eng.close()
 
 
 def train_and_export(run_dir: Path, template_path, train_cfg, roles=("forget", "retain"), *,
