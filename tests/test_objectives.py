@@ -191,6 +191,28 @@ def test_retain_l2_covers_only_retain_positions():
     assert (d.grad[~r] == 0).all() and torch.all(torch.sign(d.grad[r]) == torch.sign(c[r]))
 
 
+def test_start_term_holds_the_end_of_turn_down_only_at_each_replys_first_position():
+    """Positions 0 and 2 start a reply; token 3 ends a turn. The hinge reads the delta's centred
+    end-of-turn logit there, only where it is above -margin, and descent lowers it."""
+    d = torch.zeros(4, V)
+    d[:, 3] = torch.tensor([2.0, 5.0, -9.0, 1.0])        # centred: 1.5, 3.75, -6.75, 0.75
+    d.requires_grad_(True)
+    start = torch.tensor([True, False, True, False])
+    b = batch(start=start, end_ids=(3,))
+    s = ob.score(b, d, 1.0)
+    assert ob.start_term(b, s, cfg()) is None                              # margin 0: off
+    assert ob.start_term(batch(start=start), s, cfg(start_margin=2.0)) is None   # no end-of-turn ids
+    got = ob.start_term(b, s, cfg(start_margin=2.0, avoid_weight=0.5))
+    assert got.item() == pytest.approx(0.5 * (max(0.0, 2 + 1.5) + max(0.0, 2 - 6.75)) / 2, abs=1e-6)
+    got.backward()
+    assert d.grad[0, 3] > 0 and d.grad[2].abs().sum() == 0 and d.grad[[1, 3]].abs().sum() == 0
+    # the batch marks each example's first response position
+    ex = [Example((1, 2), (3, 4, 5), "sft"), Example((1,), (6, 7), "retain")]
+    rows = torch.tensor([0, 0, 0, 1, 1])
+    bb = ob.batch_from_examples(ex, rows, torch.tensor([3, 4, 5, 6, 7]), torch.zeros(5, 8), end_ids=[2])
+    assert bb.start.tolist() == [True, False, False, True, False] and bb.end_ids == (2,)
+
+
 def test_loss_terms_names_only_what_applies_in_a_fixed_order():
     d = delta()
     avoid = torch.zeros(4, V, dtype=torch.bool)

@@ -56,6 +56,7 @@ class TrainConfig:
     keep_l2: float = 0.0                  # the same, only at "keep" positions (sft records)
     retain_l2: float = 0.0                # the same, only at "retain" records' positions
     delta_ends_turn: bool = False         # the delta, not the template, decides where a reply ends
+    start_margin: float = 0.0             # end-of-turn held below -margin (centred) at each reply's start; 0: off
     embed_init: str = "template"          # "template" (SVD of the template's embeddings) | "random"
     save_every: int = 50                  # resume state every N steps (0: never)
     grad_accum: int = 1                   # micro-batches per optimizer step
@@ -456,7 +457,8 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         progress = progress and rank == 0
     log.info("delta: %s preset, %.1fM parameters", cfg.size, count_parameters(delta) / 1e6)
 
-    eot_ids = _end_of_turn_ids(template) if cfg.delta_ends_turn else []
+    end_ids = _end_of_turn_ids(template) if cfg.delta_ends_turn or cfg.start_margin > 0 else []
+    eot_ids = end_ids if cfg.delta_ends_turn else []
     on_cpu = str(cfg.device).startswith("cpu")
     with kept_heap() if on_cpu else contextlib.nullcontext():
         cache, tcache = _template_cache(template, data, roles, pad_id) if cfg.cache_template else ({}, {})
@@ -499,7 +501,7 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
         tlp = end_of_turn_masked(tlp, eot_ids)
         kl_target = end_of_turn_masked(kl_target, eot_ids) if kl_target is not None else None
         b = batch_from_examples(batch, rows, targets, tlp, roles=[r for r, _ in picks], kl_target=kl_target,
-                                device=cfg.device)
+                                end_ids=end_ids, device=cfg.device)
         terms = loss_terms(b, d, cfg)
         return sum(terms.values()), terms, int(mask.sum())
 

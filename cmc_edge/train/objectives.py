@@ -20,6 +20,7 @@ Per position, with template log-probs ``t`` (V,) and delta logits ``d`` (V,)::
     retain    "retain" records:                kl_weight * mean kl  (unlearn-gd adds mean ce)
     retain_l2 the same positions:              retain_l2 * mean sum_v centred(d)_v^2
     shift_l2  every position:                  shift_l2 * mean sum_v centred(d)_v^2
+    start     each reply's first position:     avoid_weight * mean relu(start_margin + centred(d)[end of turn])
 
 A new term is a function ``term(batch, scores, cfg) -> Tensor | None`` added to :data:`TERMS`,
 usually with a weight field on :class:`~cmc_edge.train.loop.TrainConfig` (0 turns it off).
@@ -57,6 +58,8 @@ class Batch:
     keep: Tensor                      # (N,) bool: kept words (held to the template, not taught)
     avoid: Tensor | None = None       # (N, V) bool: tokens to push down; None when no example avoids any
     kl_target: Tensor | None = None   # (N, V) log-probs KL terms hold the combined model to (None: template)
+    start: Tensor | None = None       # (N,) bool: each example's first response position
+    end_ids: tuple = ()               # the template's end-of-turn token ids
 
     def role(self, name: str):
         """(N,) bool positions of ``name`` records (all False where the batch has none)."""
@@ -233,6 +236,19 @@ def shift_l2_term(b: Batch, s: Scores, cfg: TrainConfig):
     return cfg.shift_l2 * centred_square(s.delta).mean()
 
 
+def start_term(b: Batch, s: Scores, cfg: TrainConfig):
+    """A hinge on the delta's own (centred) end-of-turn logits at each reply's first position: no
+    reply is empty, so the delta must never push a reply to end before it starts. KL alone does not
+    hold them there where the template itself never ends at once (SmolLM2), yet another LLM may
+    (Gemma 3 base, asked in a Question/Answer layout, ends at once when pushed)."""
+    import torch
+
+    if not (cfg.start_margin > 0 and b.end_ids and b.start is not None and b.start.any()):
+        return None
+    ends = centred_torch(s.delta[b.start])[:, list(b.end_ids)]                       # (S, E)
+    return cfg.avoid_weight * torch.relu(cfg.start_margin + ends).mean()
+
+
 Term = Callable[[Batch, Scores, "TrainConfig"], "Tensor | None"]
 
 # Name -> term, in the order the loss sums and logs them.
@@ -245,6 +261,7 @@ TERMS: dict[str, Term] = {
     "retain": retain_term,
     "retain_l2": retain_l2_term,
     "shift_l2": shift_l2_term,
+    "start": start_term,
 }
 
 
@@ -260,9 +277,10 @@ def loss_terms(batch: Batch, delta_logits, cfg: TrainConfig, terms: dict[str, Te
 
 
 def batch_from_examples(examples, rows, targets, template_lp, *, roles: Sequence[str] | None = None,
-                        kl_target=None, device: str = "cpu") -> Batch:
+                        kl_target=None, end_ids: Sequence[int] = (), device: str = "cpu") -> Batch:
     """The :class:`Batch` of ``examples`` (training Examples, of ``roles``: default their own)
-    whose loss positions are ``rows`` (the example of each position, (N,)) predicting ``targets`` (N,)."""
+    whose loss positions are ``rows`` (the example of each position, (N,), in order) predicting
+    ``targets`` (N,); ``end_ids``: the template's end-of-turn tokens (for :func:`start_term`)."""
     import torch
 
     roles = [e.role for e in examples] if roles is None else list(roles)
@@ -277,9 +295,12 @@ def batch_from_examples(examples, rows, targets, template_lp, *, roles: Sequence
         n_at, v_at = (torch.tensor([x[k] for x in at], dtype=torch.long) for k in (0, 1))
         avoid[n_at, v_at] = True                                             # one scatter, not one per row
         avoid = avoid.to(device)
+    start = torch.ones(len(rows), dtype=torch.bool)
+    start[1:] = rows[1:] != rows[:-1]
     return Batch(targets=targets.to(device), template=template_lp.to(device),
                  roles={r: torch.tensor([x == r for x in tok_role], device=device) for r in names},
-                 keep=keep, avoid=avoid, kl_target=None if kl_target is None else kl_target.to(device))
+                 keep=keep, avoid=avoid, kl_target=None if kl_target is None else kl_target.to(device),
+                 start=start.to(device), end_ids=tuple(end_ids))
 
 
 def combined_losses(tlp, delta_logits, targets, alpha: float, avoid=None, kl_target=None):
