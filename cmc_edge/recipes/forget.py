@@ -48,7 +48,8 @@ BAR = {"forget_drop": 0.90, "probe_drop": 0.75, "keep_points": 5.0, "general_poi
 class ForgetConfig:
     template: str = "smollm2"
     check_models: tuple[str, ...] = ()
-    # The loss is flat from ~120 steps on (books); 200 cost ~55 s more on 2 cores for the same filter.
+    # Books' loss is flat from ~120 steps; 200 cost ~55 s more on 2 cores (the four-set bar at 150:
+    # BENCHMARKS.md, "Toward 10 minutes").
     steps: int = 150
     batch_size: int = 16
     lr: float = 2e-3
@@ -64,8 +65,9 @@ class ForgetConfig:
     answer_tokens: int = 32
     check_tokens: int = 24
     probes: bool = True
-    # Prompts answered side by side (one llama.cpp batch) in the recipe's data, validation and
-    # checks: 1.2-1.6x faster on 2 cores than one by one; 1 decodes them one after another.
+    # Prompts answered side by side (one llama.cpp batch) in validation and the checks: 1.2-1.6x
+    # faster on 2 cores than one by one; 1 decodes them one after another. (The template answers
+    # the training prompts in torch, many per batch.)
     side_by_side: int = 8
     seed: int = 0
     size: str = "15m"
@@ -627,9 +629,9 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     from cmc_edge.models import resolve_model
     from cmc_edge.recipes.facts import read_facts
     from cmc_edge.recipes.scaffold import Stopwatch, answer_at, jsonable, train_and_export
-    from cmc_edge.train.template import load_template
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.train.loop import TrainConfig
+    from cmc_edge.train.template import load_template
 
     facts = read_facts(facts_path)
     out = Path(out)
@@ -661,10 +663,10 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             asked = list(dict.fromkeys(asked))
             # The template answers in torch, as the trainer scores it: the same model loaded once for both.
             tpl = load_template(template_path)
-            answers = template_answers(tpl, asked, cfg.answer_tokens, "template answers")
+            answers = _answered(tpl, asked, cfg.answer_tokens, "template answers")
             siblings = sibling_prompts(facts, answers, exclude=_evaluated_questions())
             attacks = attack_prompts(trained, found_leads(lead_in_prompts(trained) + keep_prompts(trained), answers))
-            answers.update(template_answers(tpl, list(dict.fromkeys(siblings + [p for f, p in attacks
+            answers.update(_answered(tpl, list(dict.fromkeys(siblings + [p for f, p in attacks
                                                                                 if f.split == "keep"])),
                                             cfg.answer_tokens, "template answers (siblings, attacks)"))
             forget, retain, stats = build_records(trained, answers, broad, siblings, attacks)
@@ -749,7 +751,7 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     return result
 
 
-def template_answers(tpl, prompts: list[str], max_tokens: int, desc: str) -> dict[str, str]:
+def _answered(tpl, prompts: list[str], max_tokens: int, desc: str) -> dict[str, str]:
     """``{prompt: the template's greedy answer}`` (:func:`cmc_edge.train.template.greedy_answers`), with a progress bar."""
     from tqdm.auto import tqdm
 
