@@ -57,6 +57,11 @@ class Answer:
     seconds: float
     ids: tuple[int, ...] = ()          # the generated token ids
 
+    @classmethod
+    def of(cls, prompt: str, gen) -> "Answer":
+        """The answer an engine's finished :class:`~cmc_edge.runtime.engine.Generation` gave to ``prompt``."""
+        return cls(prompt, gen.text, len(gen.tokens), gen.seconds, tuple(gen.tokens))
+
 
 def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None = None, max_tokens: int = 32,
                system: str | None = None, logit_bias=(), desc: str | None = None,
@@ -87,7 +92,7 @@ def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None
                 gen.read()
                 gens.append(gen)
                 bar.update()
-    return [Answer(p, g.text, len(g.tokens), g.seconds, tuple(g.tokens)) for p, g in zip(prompts, gens)]
+    return [Answer.of(p, g) for p, g in zip(prompts, gens)]
 
 
 def answer_at(engine, prompts: Sequence[str], strengths: Sequence[Sequence[float]], *, max_tokens: int = 32,
@@ -109,8 +114,7 @@ def answer_at(engine, prompts: Sequence[str], strengths: Sequence[Sequence[float
         gens = engine.chat_many([[{"role": "user", "content": p}] for p in prompts for _ in strengths], params,
                                 each_alphas=[list(a) for _ in prompts for a in strengths], n_seq=side_by_side,
                                 on_done=lambda i, g: bar.update())
-    return [[Answer(p, g.text, len(g.tokens), g.seconds, tuple(g.tokens))
-             for p, g in zip(prompts, gens[k::n])] for k in range(n)]
+    return [[Answer.of(p, g) for p, g in zip(prompts, gens[k::n])] for k in range(n)]
 
 
 def tokens_per_second(answers: Sequence[Answer]) -> float:
