@@ -27,6 +27,21 @@ def engines(tiny_gguf, tmp_path, with_delta):
     return Engine(target, deltas)
 
 
+def count_decoded(eng) -> list[int]:
+    """From now on, the number of tokens each of ``eng``'s side-by-side decodes gives llama.cpp."""
+    fed = []
+    real = eng.target.seq_batch
+
+    def counting(n):
+        batch = real(n)
+        decode = batch.decode
+        batch.decode = lambda parts: (fed.append(sum(len(t) for t in parts.values())), decode(parts))[1]
+        return batch
+
+    eng.target.seq_batch = counting
+    return fed
+
+
 @pytest.mark.parametrize("with_delta", [False, True])
 def test_side_by_side_gives_the_one_by_one_answers(tiny_gguf, tmp_path, with_delta):
     eng = engines(tiny_gguf, tmp_path, with_delta)
@@ -104,26 +119,6 @@ def test_answer_all_side_by_side_matches_one_by_one(tiny_gguf):
     assert [(a.prompt, a.text, a.tokens) for a in one] == [(a.prompt, a.text, a.tokens) for a in many]
 
 
-def test_blocklist_answers_decode_again_only_where_a_banned_token_was_chosen(tiny_gguf):
-    """The shortcut gives the answers of decoding every prompt with the bans, and decodes again only
-    the answers that chose a banned token."""
-    from cmc_edge.recipes.scaffold import answer_all, blocklist_answers
-
-    eng = Engine(TargetLLM(tiny_gguf, n_ctx=256, n_threads=1))
-    qs = ["hello", "Who wrote Hamlet?", "2 + 2 =", "a", "bonjour", "Name a colour"]
-    alone = answer_all(eng, qs, max_tokens=10, stop=())
-    spared = next(k for k in range(1, len(qs)) if set(alone[k].ids) != set(alone[0].ids))
-    bans = sorted(set(alone[0].ids) - set(alone[spared].ids))
-    hit = sum(bool(set(bans) & set(a.ids)) for a in alone)
-    assert bans and 1 <= hit < len(qs)
-    full = answer_all(eng, qs, max_tokens=10, stop=(), logit_bias=[(t, -math.inf) for t in bans])
-    quick, redone = blocklist_answers(eng, qs, alone, bans, max_tokens=10, stop=())
-    assert redone == hit
-    assert [(a.text, a.ids) for a in quick] == [(a.text, a.ids) for a in full]
-    assert not any(set(bans) & set(a.ids) for a in quick)
-    assert quick[0].ids != alone[0].ids
-
-
 def test_a_prompt_at_several_strengths_is_evaluated_once_and_answers_as_at_each_alone(tiny_gguf, tmp_path):
     """answer_at: the answers at each strength are those of a pass at that strength alone, and
     llama.cpp evaluates each prompt's tokens once for all strengths (only its last token again)."""
@@ -134,16 +129,7 @@ def test_a_prompt_at_several_strengths_is_evaluated_once_and_answers_as_at_each_
     strengths = [[0.0], [1.5], [3.0]]
     each = [answer_all(eng, qs, alphas=a, max_tokens=10, stop=(), side_by_side=3) for a in strengths]
     assert each[0] != each[2]                                # the strengths answer differently
-    fed = []
-    real = eng.target.seq_batch
-
-    def counting(n):
-        batch = real(n)
-        decode = batch.decode
-        batch.decode = lambda parts: (fed.append(sum(len(t) for t in parts.values())), decode(parts))[1]
-        return batch
-
-    eng.target.seq_batch = counting
+    fed = count_decoded(eng)
     together = answer_at(eng, qs, strengths, max_tokens=10, stop=(), side_by_side=3)
     for want, got in zip(each, together):
         assert [(a.prompt, a.text, a.ids) for a in want] == [(a.prompt, a.text, a.ids) for a in got]
@@ -154,3 +140,48 @@ def test_a_prompt_at_several_strengths_is_evaluated_once_and_answers_as_at_each_
     assert sum(fed) <= prompt_tokens + len(qs) * (len(strengths) - 1) + generated
     with pytest.raises(InputError, match="sets of alphas"):
         eng.generate_many(["a", "b"], SamplingParams(max_tokens=2, temperature=0.0), each_alphas=[[0.0]])
+
+
+def test_a_later_answer_to_the_same_prompt_is_decoded_only_from_where_it_parts(tiny_gguf, tmp_path):
+    """With the answer alone, a blocklist's and a delta's answer to the same prompt are each the
+    answer of its own pass, and llama.cpp decodes them only from their first token that differs
+    from an earlier answer: the blocklist's exactly from its first banned token on."""
+    from cmc_edge.recipes.scaffold import answer_all, answer_at
+
+    eng = engines(tiny_gguf, tmp_path, with_delta=True)
+    qs = ["hello", "Who wrote Hamlet?", "2 + 2 =", "a", "bonjour", "Name a colour", "Count to five"]
+    alone = answer_all(eng, qs, alphas=[0.0], max_tokens=10, stop=())
+    # ban one token from the middle of some answers: those answers part there, the others never
+    bans = sorted({a.ids[3] for a in alone[::2] if len(a.ids) > 4})
+    assert bans
+    ban = tuple((t, -math.inf) for t in bans)
+    variants = [([0.0], ()), ([0.0], ban), ([3.0], ())]
+    each = [answer_all(eng, qs, alphas=a, logit_bias=b, max_tokens=10, stop=()) for a, b in variants]
+    together = answer_at(eng, qs, [a for a, _ in variants], logit_biases=[b for _, b in variants],
+                         max_tokens=10, stop=(), side_by_side=3)
+    for want, got in zip(each, together):
+        assert [(a.prompt, a.text, a.ids) for a in want] == [(a.prompt, a.text, a.ids) for a in got]
+    assert together[1] != together[0] and together[2] != together[0]
+    # Steps replayed: the blocklist's answer up to its first banned token, or all of it (with its
+    # end) where it chose none.
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    convs = [[{"role": "user", "content": q}] for q in qs for _ in variants]
+    fed = count_decoded(eng)
+    gens = eng.chat_many(convs, params, each_alphas=[a for _ in qs for a, _ in variants],
+                         each_bias=[b for _ in qs for _, b in variants], n_seq=3)
+    for k, a in enumerate(alone):
+        blocked = gens[3 * k + 1]
+        first = next((j for j, t in enumerate(a.ids) if t in bans), None)
+        if first is None:
+            assert blocked.tokens == list(a.ids)
+            assert blocked.replayed == len(a.ids) + (len(a.ids) < 10)
+        else:
+            assert blocked.replayed == first + 1 and blocked.tokens[:first] == list(a.ids[:first])
+    # llama.cpp evaluated each prompt once and only the decoded steps of each answer (every step
+    # but those replayed, the first of each answer's decoded steps possibly with some of its tokens)
+    steps = sum(len(g.tokens) + (g.finish_reason == "stop") - g.replayed for g in gens)
+    prompt_tokens = sum(len(eng.encode(*eng.chat_prompts(c, None)).target) for c in convs[::3])
+    assert sum(fed) <= prompt_tokens + steps + sum(len(g.tokens) for g in gens if g.replayed)
+    assert steps < sum(len(g.tokens) for g in gens) - 20
+    with pytest.raises(InputError, match="sets of logit biases"):
+        eng.generate_many(["a", "b"], params, each_bias=[()])

@@ -507,7 +507,7 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
     """One model on the test split: alone, with the filter, and with the blocklist."""
     from cmc_edge.eval.runner import perplexity
     from cmc_edge.models import resolve_model
-    from cmc_edge.recipes.scaffold import answer_at, banned_tokens, blocklist_answers, tokens_per_second
+    from cmc_edge.recipes.scaffold import answer_at, banned_tokens
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.runtime.target import TargetLLM
 
@@ -519,24 +519,23 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
     prompts = [it["prompt"] for it in items]
     out = {"model": name, "variant": delta.variant, "map": "identity" if delta.map.is_identity else "pm-mined",
            "banned_tokens": len(bans)}
-    rows, got = {}, {}
-    # Alone and with the filter decoded together: each prompt is evaluated once for both.
+    rows = {}
+    # Alone, with the blocklist and with the filter, decoded together: each prompt is evaluated once,
+    # and the blocklist and the filter are decoded only from where they part from the answer alone.
+    conds = (("alone", 0.0, ()), ("blocklist", 0.0, tuple((t, -math.inf) for t in bans)), ("filter", alpha, ()))
     t0 = time.perf_counter()
-    both = answer_at(engine, prompts, [[0.0], [alpha]], max_tokens=cfg.check_tokens, desc=f"{name} alone, filter",
-                     side_by_side=cfg.side_by_side)
+    got = dict(zip((c for c, _, _ in conds),
+                   answer_at(engine, prompts, [[a] for _, a, _ in conds], logit_biases=[b for _, _, b in conds],
+                             max_tokens=cfg.check_tokens, side_by_side=cfg.side_by_side,
+                             desc=f"{name} alone, blocklist, filter")))
     out["answer_seconds"] = round(time.perf_counter() - t0, 1)
-    for (cond, a), answers in zip((("alone", 0.0), ("filter", alpha)), both):
-        got[cond] = answers
-        rows[cond] = score(items, answers)
+    for cond, a, _ in conds:
+        rows[cond] = score(items, got[cond])
         out[cond] = summarize(rows[cond])
-        # The two ran interleaved: each answer's own rate (its tokens over its seconds, 8 sharing the CPU).
-        out[cond]["tokens_per_s"] = tokens_per_second(answers)
-        out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
-    # Only the answers alone that chose a banned token are decoded again: the rest are the blocklist's.
-    blocked, redone = blocklist_answers(engine, prompts, got["alone"], bans, max_tokens=cfg.check_tokens,
-                                        side_by_side=cfg.side_by_side, desc=f"{name} blocklist")
-    rows["blocklist"] = score(items, blocked)
-    out["blocklist"] = {**summarize(rows["blocklist"]), "decoded_again": redone}
+        if cond != "blocklist":
+            out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
+    # The blocklist's answers that differ from the model's alone: those that chose a banned token.
+    out["blocklist"]["decoded_again"] = sum(bool(set(bans).intersection(a.ids)) for a in got["alone"])
     prose = set(target.tokenize(text))
     out["blocklist"]["ppl"] = out["alone"]["ppl"] if not prose & set(bans) else math.inf
     out["blocklist"]["banned_prose_tokens"] = len(prose & set(bans))

@@ -96,23 +96,30 @@ def answer_all(engine, prompts: Sequence[str], *, alphas: Sequence[float] | None
 
 
 def answer_at(engine, prompts: Sequence[str], strengths: Sequence[Sequence[float]], *, max_tokens: int = 32,
-              stop: tuple[str, ...] = ("\n\n",), desc: str | None = None, side_by_side: int = 1) -> list[list[Answer]]:
-    """:func:`answer_all` at each set of ``strengths`` (one alpha per delta): ``out[k][i]`` is prompt
-    ``i`` at ``strengths[k]``. Side by side, a prompt's answers at every strength are decoded in
-    one sequence, one after another, so llama.cpp evaluates the prompt once (it is ~30% of a short
-    answer's cost on 2 cores); the answers are those :func:`answer_all` gives at each strength."""
+              stop: tuple[str, ...] = ("\n\n",), desc: str | None = None, side_by_side: int = 1,
+              logit_biases: Sequence[Sequence[tuple[int, float]]] | None = None) -> list[list[Answer]]:
+    """:func:`answer_all` at each set of ``strengths`` (one alpha per delta; ``logit_biases[k]``:
+    the bias with ``strengths[k]``, e.g. the blocklist's bans at alpha 0): ``out[k][i]`` is prompt
+    ``i`` at ``strengths[k]``. Side by side, a prompt's answers are decoded in one sequence, one
+    after another (:meth:`~cmc_edge.runtime.engine.Engine.generate_many`): llama.cpp evaluates the
+    prompt once (~30% of a short answer's cost on 2 cores), and a later answer only from where it
+    first parts from an earlier one; the answers are those :func:`answer_all` gives at each strength."""
     from tqdm.auto import tqdm
 
     from cmc_edge.runtime.engine import SamplingParams
 
+    biases = [tuple(b) for b in logit_biases] if logit_biases is not None else [()] * len(strengths)
+    if len(biases) != len(strengths):
+        raise ValueError(f"{len(biases)} logit biases for {len(strengths)} strengths")
     if side_by_side <= 1 or len(strengths) < 2:
         return [answer_all(engine, prompts, alphas=a, max_tokens=max_tokens, stop=stop, desc=desc,
-                           side_by_side=side_by_side) for a in strengths]
+                           side_by_side=side_by_side, logit_bias=b) for a, b in zip(strengths, biases)]
     n = len(strengths)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
     with tqdm(total=n * len(prompts), desc=desc, disable=desc is None, unit="q", leave=False) as bar:
         gens = engine.chat_many([[{"role": "user", "content": p}] for p in prompts for _ in strengths], params,
-                                each_alphas=[list(a) for _ in prompts for a in strengths], n_seq=side_by_side,
+                                each_alphas=[list(a) for _ in prompts for a in strengths],
+                                each_bias=[b for _ in prompts for b in biases], n_seq=side_by_side,
                                 on_done=lambda i, g: bar.update())
     return [[Answer.of(p, g) for p, g in zip(prompts, gens[k::n])] for k in range(n)]
 
@@ -198,25 +205,6 @@ def banned_tokens(target, strings: Sequence[str], min_chars: int = 2) -> tuple[i
         if len(t) >= min_chars and any(w.startswith(t) or t.startswith(w) for w in variants):
             out.append(i)
     return tuple(out)
-
-
-def blocklist_answers(engine, prompts: Sequence[str], alone: Sequence[Answer], bans: Sequence[int], *,
-                      max_tokens: int, stop: tuple[str, ...] = ("\n\n",), side_by_side: int = 1,
-                      desc: str | None = None) -> tuple[list[Answer], int]:
-    """The blocklist's greedy answers (``bans`` at a logit bias of -inf), given the same engine's
-    greedy answers ``alone`` without bans: where an answer chose no banned token, the bans changed no
-    step's choice (they only lower tokens that were not chosen), so it is the blocklist's answer
-    too; only the others are decoded again (``alone`` must come from the same ``max_tokens`` and
-    ``stop``). Returns (answers, how many were decoded again)."""
-    banned = set(bans)
-    redo = [k for k, a in enumerate(alone) if banned.intersection(a.ids)]
-    got = answer_all(engine, [prompts[k] for k in redo], alphas=[0.0] * len(engine.deltas), max_tokens=max_tokens,
-                     stop=stop, logit_bias=tuple((t, -math.inf) for t in bans), desc=desc,
-                     side_by_side=side_by_side) if redo else []
-    out = list(alone)
-    for k, a in zip(redo, got):
-        out[k] = a
-    return out, len(redo)
 
 
 class Stopwatch:

@@ -231,6 +231,7 @@ class Generation:
     seconds: float = 0.0
     resyncs: int = 0
     full_shift_steps: int = 0          # steps where the shift was computed over the whole vocabulary
+    replayed: int = 0                  # steps whose target logits an earlier answer to the prompt had (generate_many)
 
     def __iter__(self):
         for chunk in self._it:
@@ -307,11 +308,12 @@ class Engine:
 
     def chat_many(self, conversations: Sequence[list[dict]], params: SamplingParams, *,
                   alphas: Sequence[float] | None = None, chat_template: str | None = None, n_seq: int = 8,
-                  on_done=None, each_alphas: Sequence[Sequence[float]] | None = None) -> list[Generation]:
+                  on_done=None, each_alphas: Sequence[Sequence[float]] | None = None,
+                  each_bias: Sequence[Sequence[tuple[int, float]]] | None = None) -> list[Generation]:
         """:meth:`chat` for many conversations, ``n_seq`` decoded side by side (:meth:`generate_many`)."""
         encoded = [self.encode(*self.chat_prompts(m, chat_template)) for m in conversations]
         return self.generate_many(encoded, self.chat_params(params, chat_template), alphas=alphas, n_seq=n_seq,
-                                  on_done=on_done, each_alphas=each_alphas)
+                                  on_done=on_done, each_alphas=each_alphas, each_bias=each_bias)
 
     def encode(self, prompt: str, delta_prompts: Sequence[str] | None = None) -> EncodedPrompt:
         """Tokenize ``prompt`` for the target and ``delta_prompts[i]`` (default: ``prompt``) for each
@@ -447,27 +449,36 @@ class Engine:
 
     def generate_many(self, prompts: Sequence[str | EncodedPrompt], params: SamplingParams = SamplingParams(
                           temperature=0.0), *, alphas: Sequence[float] | None = None, n_seq: int = 8,
-                      on_done=None, each_alphas: Sequence[Sequence[float]] | None = None) -> list[Generation]:
+                      on_done=None, each_alphas: Sequence[Sequence[float]] | None = None,
+                      each_bias: Sequence[Sequence[tuple[int, float]]] | None = None) -> list[Generation]:
         """Greedy completions of many prompts, ``n_seq`` of them decoded side by side in one llama.cpp
         batch (:class:`~cmc_edge.runtime.target.SeqBatch`), each with its own delta caches: the
         tokens :meth:`generate` picks one prompt at a time (up to llama.cpp's batched arithmetic),
         1.2-2x faster on 2 cores for short answers. For evaluation and data building, not
         serving: greedy only, no deadline. ``on_done(i, generation)`` is called as each prompt
         finishes. ``each_alphas`` gives each prompt its own strengths (one per delta) instead of
-        ``alphas``: the same prompt at several strengths is then decoded in one sequence, one after
-        another, so its prompt is evaluated once (the cache keeps it). A failure of
-        llama.cpp or of a delta stops them all (typed as in :meth:`generate`)."""
+        ``alphas``, ``each_bias`` its own logit bias instead of ``params.logit_bias``.
+
+        The same prompt given several times (at other strengths, with other biases) is decoded in
+        one sequence, one after another: its prompt is evaluated once (the cache keeps it), and
+        the target's logits after every prefix an earlier answer to it went through are kept, so
+        a later answer is decoded by llama.cpp only from where it first chooses another token
+        (Generation.replayed counts the steps it did not). The bias and the deltas' shifts are
+        applied to the kept logits as to new ones, so every answer is the one it gets alone. A
+        failure of llama.cpp or of a delta stops them all (typed as in :meth:`generate`)."""
         if sampler_top_k(params.temperature, params.top_k, params.repeat_penalty) != 1:
             raise InputError("generate_many decodes greedily only",
                              fix="use temperature 0 and no repeat penalty, or generate() one prompt at a time")
-        if each_alphas is not None and len(each_alphas) != len(prompts):
-            raise InputError(f"{len(each_alphas)} sets of alphas for {len(prompts)} prompts",
-                             fix="give one set of alphas per prompt")
+        for name, given in (("alphas", each_alphas), ("logit biases", each_bias)):
+            if given is not None and len(given) != len(prompts):
+                raise InputError(f"{len(given)} sets of {name} for {len(prompts)} prompts",
+                                 fix=f"give one set of {name} per prompt")
         per = ([self._alphas(a) for a in each_alphas] if each_alphas is not None
                else [self._alphas(alphas)] * len(prompts))
+        biases = ([self._bias_arrays(b) for b in each_bias] if each_bias is not None
+                  else [self._bias(params)] * len(prompts))
         encs = [p if isinstance(p, EncodedPrompt) else self.encode(p) for p in prompts]
         gens = [Generation(_it=iter(()), prompt_tokens=len(e.target)) for e in encs]
-        bias = self._bias(params)
         batch = self.target.seq_batch(max(1, min(n_seq, len(encs))))
         n_ctx = batch.n_ctx_seq
         for e in encs:
@@ -484,7 +495,21 @@ class Engine:
             groups.setdefault(tuple(e.target), []).append(i)
         todo = [g[::-1] for g in groups.values()][::-1]        # pop() gives the next group, then its next item
         mine: dict[int, list[int]] = {}                        # sequence -> the rest of its group
-        feed: dict[int, list[int]] = {}                 # sequence -> tokens to evaluate next
+        # sequence -> {tokens generated so far: the target's raw logits after them}, while its group
+        # has answers to come
+        kept: dict[int, dict[tuple, np.ndarray]] = {}
+
+        def start(seq: int) -> None:
+            if not mine.get(seq):
+                mine[seq] = todo.pop()
+                kept[seq] = {}
+            i = mine[seq].pop()
+            active = [(d, a, p) for d, a, p in zip(self.deltas, per[i], encs[i].deltas) if a != 0.0]
+            with _blame(DeltaFault, "the delta failed on the prompt"):
+                trackers = [d.tracker(p, session=caches[seq][id(d)]) for d, _, p in active]
+            slots[seq] = {"i": i, "active": active, "trackers": trackers,
+                          "states": [tr.last_state for tr in trackers], "bytes": b"",
+                          "stream": TextStream(params.stop), "t0": time.perf_counter()}
 
         def finish(seq: int, reason: str) -> None:
             st = slots.pop(seq)
@@ -497,48 +522,60 @@ class Engine:
             if on_done is not None:
                 on_done(st["i"], gen)
 
+        def step(seq: int, logits: np.ndarray) -> None:
+            """One token for sequence ``seq`` from the target's logits after what it has so far."""
+            st = slots[seq]
+            i = st["i"]
+            gen = gens[i]
+            if len(encs[i].target) + len(gen.tokens) >= n_ctx:
+                finish(seq, "length")
+                return
+            token = self._steer(logits, biases[i], st["active"], st["states"], 1, len(gen.tokens), gen)
+            token = int(np.argmax(logits)) if token is None else token
+            if self.target.is_eog(token):
+                finish(seq, "stop")
+                return
+            gen.tokens.append(token)
+            piece = self.target.piece(token)
+            st["bytes"] += piece
+            chunk, stopped = st["stream"].push(piece)
+            gen.text += chunk
+            if stopped or len(gen.tokens) >= params.max_tokens:
+                finish(seq, "stop-string" if stopped else "length")
+                return
+            if st["active"]:
+                with _blame(DeltaFault, f"the delta step failed at token {len(gen.tokens) - 1}"):
+                    st["states"] = self._sync_all(st["trackers"], st["bytes"])
+
         try:
             while todo or slots or any(mine.values()):
+                feed: dict[int, list[int]] = {}                 # sequence -> tokens to evaluate
                 for seq in range(batch.n_seq):
-                    if seq in slots or not (todo or mine.get(seq)):
-                        continue
-                    if not mine.get(seq):
-                        mine[seq] = todo.pop()
-                    i = mine[seq].pop()
-                    active = [(d, a, p) for d, a, p in zip(self.deltas, per[i], encs[i].deltas) if a != 0.0]
-                    with _blame(DeltaFault, "the delta failed on the prompt"):
-                        trackers = [d.tracker(p, session=caches[seq][id(d)]) for d, _, p in active]
-                    slots[seq] = {"i": i, "active": active, "trackers": trackers,
-                                  "states": [tr.last_state for tr in trackers], "bytes": b"",
-                                  "stream": TextStream(params.stop), "t0": time.perf_counter()}
-                    feed[seq] = batch.begin(seq, encs[i].target)
+                    # Steps whose logits an earlier answer to the same prompt already has cost no decode.
+                    while seq in slots or todo or mine.get(seq):
+                        if seq not in slots:
+                            start(seq)
+                        st = slots[seq]
+                        gen = gens[st["i"]]
+                        known = kept[seq].get(tuple(gen.tokens))
+                        if known is None:
+                            # After a decoded step the cache holds all but the last token; else it
+                            # keeps what it shares with this answer's tokens and evaluates the rest.
+                            feed[seq] = ([gen.tokens[-1]] if st.get("decoded") and gen.tokens
+                                         else batch.begin(seq, encs[st["i"]].target + gen.tokens))
+                            break
+                        gen.replayed += 1
+                        st["decoded"] = False
+                        step(seq, known.copy())
+                if not feed:
+                    continue
                 with _blame(TargetFault, "llama.cpp failed on a batch of sequences"):
                     rows = batch.decode(feed)
-                feed = {}
-                for seq in list(slots):
-                    st = slots[seq]
-                    gen = gens[st["i"]]
-                    if len(batch.held[seq]) >= n_ctx:
-                        finish(seq, "length")
-                        continue
-                    logits = rows[seq]
-                    token = self._steer(logits, bias, st["active"], st["states"], 1, len(gen.tokens), gen)
-                    token = int(np.argmax(logits)) if token is None else token
-                    if self.target.is_eog(token):
-                        finish(seq, "stop")
-                        continue
-                    gen.tokens.append(token)
-                    piece = self.target.piece(token)
-                    st["bytes"] += piece
-                    chunk, stopped = st["stream"].push(piece)
-                    gen.text += chunk
-                    if stopped or len(gen.tokens) >= params.max_tokens:
-                        finish(seq, "stop-string" if stopped else "length")
-                        continue
-                    feed[seq] = [token]
-                    if st["active"]:
-                        with _blame(DeltaFault, f"the delta step failed at token {len(gen.tokens) - 1}"):
-                            st["states"] = self._sync_all(st["trackers"], st["bytes"])
+                for seq in feed:
+                    if mine.get(seq):                          # its group has answers to come
+                        kept[seq][tuple(gens[slots[seq]["i"]].tokens)] = rows[seq].copy()
+                    slots[seq]["decoded"] = True
+                    step(seq, rows[seq])
         except CmcError:
             for st in slots.values():
                 gens[st["i"]].finish_reason = "error"
@@ -554,8 +591,12 @@ class Engine:
 
     def _bias(self, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
         """``params.logit_bias`` as (token ids, biases) arrays, checked against the vocabulary."""
-        ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
-        vals = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+        return self._bias_arrays(params.logit_bias)
+
+    def _bias_arrays(self, logit_bias: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(token id, bias)`` pairs as (token ids, biases) arrays, checked against the vocabulary."""
+        ids = np.array([t for t, _ in logit_bias], dtype=np.int64)
+        vals = np.array([b for _, b in logit_bias], dtype=np.float32)
         if ids.size and ids.max() >= self.target.n_vocab:
             raise InputError(f"logit_bias names token {int(ids.max())}; the model has {self.target.n_vocab}",
                              fix="use token ids of this model's vocabulary")
