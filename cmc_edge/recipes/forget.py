@@ -516,6 +516,7 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
     delta = Delta(bundle, target, alpha=alpha)
     engine = Engine(target, [delta])
     bans = banned_tokens(target, [a for f in facts if f.split == "forget" for a in f.answers])
+    banned = set(bans)
     prompts = [it["prompt"] for it in items]
     out = {"model": name, "variant": delta.variant, "map": "identity" if delta.map.is_identity else "pm-mined",
            "banned_tokens": len(bans)}
@@ -535,10 +536,10 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
         if cond != "blocklist":
             out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
     # The blocklist's answers that differ from the model's alone: those that chose a banned token.
-    out["blocklist"]["decoded_again"] = sum(bool(set(bans).intersection(a.ids)) for a in got["alone"])
+    out["blocklist"]["decoded_again"] = sum(bool(banned.intersection(a.ids)) for a in got["alone"])
     prose = set(target.tokenize(text))
-    out["blocklist"]["ppl"] = out["alone"]["ppl"] if not prose & set(bans) else math.inf
-    out["blocklist"]["banned_prose_tokens"] = len(prose & set(bans))
+    out["blocklist"]["ppl"] = out["alone"]["ppl"] if not prose & banned else math.inf
+    out["blocklist"]["banned_prose_tokens"] = len(prose & banned)
     out["bar"] = check_bar(out)
     engine.close()
     return out, rows

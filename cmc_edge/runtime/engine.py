@@ -380,7 +380,7 @@ class Engine:
         sampler = None
         fut = None
         n_vocab = self.target.n_vocab
-        bias = self._bias(params)
+        bias = self._bias(params.logit_bias)
         try:
             with _blame(TargetFault, "llama.cpp failed on the prompt"):
                 llm.reset()
@@ -475,8 +475,8 @@ class Engine:
                                  fix=f"give one set of {name} per prompt")
         per = ([self._alphas(a) for a in each_alphas] if each_alphas is not None
                else [self._alphas(alphas)] * len(prompts))
-        biases = ([self._bias_arrays(b) for b in each_bias] if each_bias is not None
-                  else [self._bias(params)] * len(prompts))
+        biases = ([self._bias(b) for b in each_bias] if each_bias is not None
+                  else [self._bias(params.logit_bias)] * len(prompts))
         encs = [p if isinstance(p, EncodedPrompt) else self.encode(p) for p in prompts]
         gens = [Generation(_it=iter(()), prompt_tokens=len(e.target)) for e in encs]
         batch = self.target.seq_batch(max(1, min(n_seq, len(encs))))
@@ -557,7 +557,8 @@ class Engine:
                             start(seq)
                         st = slots[seq]
                         gen = gens[st["i"]]
-                        known = kept[seq].get(tuple(gen.tokens))
+                        # (only a group with answers to come keeps logits: no key built otherwise)
+                        known = kept[seq].get(tuple(gen.tokens)) if kept[seq] else None
                         if known is None:
                             # After a decoded step the cache holds all but the last token; else it
                             # keeps what it shares with this answer's tokens and evaluates the rest.
@@ -589,12 +590,9 @@ class Engine:
                              fix="give one alpha per delta")
         return [check_alpha(a) for a in (alphas if alphas is not None else [d.alpha for d in self.deltas])]
 
-    def _bias(self, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-        """``params.logit_bias`` as (token ids, biases) arrays, checked against the vocabulary."""
-        return self._bias_arrays(params.logit_bias)
-
-    def _bias_arrays(self, logit_bias: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
-        """``(token id, bias)`` pairs as (token ids, biases) arrays, checked against the vocabulary."""
+    def _bias(self, logit_bias: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(token id, bias)`` pairs (a SamplingParams' ``logit_bias``) as (token ids, biases)
+        arrays, checked against the vocabulary."""
         ids = np.array([t for t, _ in logit_bias], dtype=np.int64)
         vals = np.array([b for _, b in logit_bias], dtype=np.float32)
         if ids.size and ids.max() >= self.target.n_vocab:
