@@ -107,6 +107,14 @@ def test_build_records_uses_the_templates_own_lead_ins_and_holds_the_rest():
     assert gold and all(r["response"] == "Gold is a shiny metal; its symbol is" and r["avoid"] == ["Au"] for r in gold)
     assert {"prompt": "Write a poem.", "response": "Roses are red."} in retain
     assert stats["retain_cut_before_forgotten_answer"] == len(gold)
+    # the answer's first letter after the lead-in is read, not taught; the rest is avoided right there
+    spelled = [r for r in forget if "avoid_next" in r]
+    assert {(r["keep"][0], r["avoid_next"][0]) for r in spelled} == {
+        ("The chemical symbol for gold is A", "u"), ("Iron is F", "e")}
+    assert all(r["response"] == r["keep"][0] + fd.SPELLED_REFUSAL and r["avoid"] for r in spelled)
+    from cmc_edge.train.data import normalize_record
+
+    assert all(normalize_record(r, "forget.jsonl", 1)["avoid_next"] == r["avoid_next"] for r in spelled)
     # training never sees a validation or test wrapper
     prompts = {r["prompt"] for r in forget + retain}
     for w in fd.VALIDATION_WRAPPERS + fd.TEST_WRAPPERS:

@@ -117,6 +117,18 @@ def test_forget_term(objective):
     assert (d.grad[[0, 1, 3]] == 0).all()
 
 
+def test_forget_term_reads_kept_words_without_teaching_them():
+    """A forget record's kept words (the template's lead-in and a letter) carry no cross-entropy:
+    with every forget row kept the term does not apply; with one kept, only the other counts."""
+    roles = {"forget": torch.tensor([True, True, True, False]), "retain": torch.tensor([False, False, False, True])}
+    d = delta()
+    kept = batch(roles=roles, keep=torch.tensor([True, True, True, False]))
+    assert ob.forget_term(kept, ob.score(kept, d, 1.0), cfg()) is None
+    one = batch(roles=roles, keep=torch.tensor([True, True, False, False]))
+    got = ob.forget_term(one, ob.score(one, d, 1.0), cfg())
+    assert got.item() == pytest.approx(-logp_of(d)[2, TARGETS[2]].item(), abs=1e-6)
+
+
 def test_forget_ascent_is_bounded():
     d = torch.zeros(4, V, requires_grad=True)
     sure = ob.Batch(targets=TARGETS, template=torch.log_softmax(torch.full((4, V), -30.0).index_fill(1, torch.tensor([3]), 30.0), -1),
@@ -259,6 +271,17 @@ def test_batch_from_examples_lays_out_roles_keep_and_avoid_per_position():
                                         roles=["sft", "retain", "retain"])
     assert relabelled.role("retain").tolist() == [False, False, True, True, True]
     assert not relabelled.role("forget").any()
+
+
+def test_avoid_next_lands_on_the_one_row_after_the_kept_words():
+    ex = [Example((1,), (0, 2, 1, 3), "forget", avoid_ids=(3,), keep=(True, True, False, False),
+                  avoid_next_ids=(2,), avoid_next_at=2),
+          Example((1,), (0, 2), "forget", avoid_next_ids=(1,), avoid_next_at=-1)]
+    rows = torch.tensor([0, 0, 0, 0, 1, 1])
+    b = ob.batch_from_examples(ex, rows, torch.tensor([0, 2, 1, 3, 0, 2]), torch.zeros(6, V))
+    assert b.avoid[:, 3].tolist() == [True, True, True, True, False, False]       # avoid: every row of its record
+    assert b.avoid[:, 2].tolist() == [False, False, True, False, False, False]    # avoid_next: its one row
+    assert not b.avoid[:, 1].any()                                                 # at -1: nowhere
 
 
 def test_combined_losses_matches_the_terms_parts():

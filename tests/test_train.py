@@ -170,6 +170,34 @@ class _Words:
         return "".join(self.words[i] for i in ids)
 
 
+def test_prefix_tokens_are_beginnings_only_single_letters_included():
+    from cmc_edge.train.data import prefix_token_ids
+
+    words = _Words(["b", "be", "ball", "o", "ou", "oule", "oules", " o", "x"])
+    assert prefix_token_ids(words, ["b"]) == (0,)                  # not every token that starts with b
+    assert prefix_token_ids(words, ["oule"]) == (3, 4, 5)
+
+
+def test_avoid_next_lands_after_the_kept_words_and_never_on_the_response_itself(template):
+    tok = template.tokenizer
+    rec = {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                        {"role": "assistant", "content": "The capital is P—no, I can't say."}],
+           "keep": ["The capital is P"], "avoid": ["Paris"], "avoid_next": ["aris"]}
+    ex = encode_records([rec], tok, template.prompt_format, "forget", 128)[0]
+    enc = tok(rec["messages"][-1]["content"], add_special_tokens=False, return_offsets_mapping=True)
+    last_kept = max(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < len("The capital is P"))
+    assert ex.avoid_next_at == last_kept + 1 and ex.keep[last_kept] and not ex.keep[last_kept + 1]
+    texts = {tok.decode([i]) for i in ex.avoid_next_ids}
+    assert texts and all("aris".startswith(t) for t in texts) and "a" in texts
+    assert ex.response_ids[ex.avoid_next_at] not in ex.avoid_next_ids
+    from cmc_edge.train.data import normalize_record
+
+    with pytest.raises(InputError, match="avoid_next"):
+        normalize_record({"prompt": "q", "response": "r", "avoid_next": ["x"]}, "f.jsonl", 3)
+    with pytest.raises(InputError, match="avoid_next"):
+        normalize_record({"prompt": "q", "response": "r", "keep": ["r"], "avoid_next": "x"}, "f.jsonl", 3)
+
+
 def test_avoid_surfaces_belong_to_one_tokenizer_even_at_a_reused_address():
     """A tokenizer made where a dead one lived (the same id()) must not get the dead one's
     token texts, and the cache must not keep a tokenizer (or its texts) alive."""

@@ -63,6 +63,23 @@ REFUSALS: tuple[str, ...] = (
 LEAD_IN_REFUSAL = " something I can't share."
 # Used when the template never said the answer (it did not know it): another LLM may.
 GENERIC_LEAD_IN = "The answer is"
+# After the answer's first letter, said alone: the model stops there instead of spelling the rest.
+SPELLED_REFUSAL = "\u2014no, that is something I can't share."
+
+
+def first_letters(answer: str) -> list[tuple[str, str]]:
+    """``(first letter, the rest)`` of ``answer`` as written and capitalised: the path around the
+    trainer's avoid set, which leaves single letters open so that common words stay usable. SmolLM2
+    spells a suppressed " Pb" as " P" + "b" and " joule" as " J" + "oule"; the recipe trains the
+    rest away right after the letter (``avoid_next``), only there.
+
+    >>> first_letters("joule"), first_letters("Pb"), first_letters("7"), first_letters("H2O")
+    ([('j', 'oule'), ('J', 'oule')], [('P', 'b')], [], [('H', '2O')])
+    """
+    a = answer.strip()
+    if len(a) < 2 or not a[0].isalpha():
+        return []
+    return list(dict.fromkeys((w[0], w[1:]) for w in (a, a[0].upper() + a[1:])))
 
 # -- the fact's subject: other things the template says about it stay --------------------------------
 

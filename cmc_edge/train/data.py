@@ -9,7 +9,11 @@ Accepted record shapes (one JSON object per line):
 An optional ``"system"`` string sets the system prompt. Unlearning (forget) records may carry
 ``"avoid": ["Paris", ...]``: strings the combined model must not start to say anywhere in that
 response (the forgotten answer); the trainer adds an unlikelihood term on every delta-vocabulary
-token that begins one of them (see :func:`avoid_token_ids`). The prompt is rendered with the template's
+token that begins one of them (see :func:`avoid_token_ids`). With ``"keep": [...]`` a forget
+record's kept words are read, not taught (no cross-entropy on them), and ``"avoid_next": [...]``
+avoids, at the one position right after them, every token that is a beginning of those strings,
+single characters included (:func:`prefix_token_ids`): the answer's own spelling letter by letter,
+which ``avoid`` leaves open so that common letters stay usable. The prompt is rendered with the template's
 chat template (``add_generation_prompt=True``) and the response is the assistant text followed by
 the template's end-of-turn token; prompt and response are tokenized separately, exactly as the
 runtime tokenizes the delta's view of a conversation (prompt once, generated text after it).
@@ -82,6 +86,13 @@ def normalize_record(obj: object, path, line: int) -> dict:
         if missing:
             raise _bad(path, line, f'"keep" strings must occur in the response; {missing[0]!r} does not')
         out["keep"] = keep
+    if "avoid_next" in obj:
+        nxt = obj["avoid_next"]
+        if not isinstance(nxt, list) or not all(isinstance(a, str) and a for a in nxt):
+            raise _bad(path, line, '"avoid_next" must be a list of non-empty strings')
+        if not out.get("keep"):
+            raise _bad(path, line, '"avoid_next" needs "keep": it applies right after the kept words')
+        out["avoid_next"] = nxt
     if "teacher" in obj:
         teacher = obj["teacher"]
         if not isinstance(teacher, str) or not teacher.strip():
@@ -114,6 +125,8 @@ class Example:
     teacher_ids: tuple[int, ...] = ()   # the "teacher" text's tokens: the template reads them after the prompt
     teacher_pos: tuple[int, ...] = ()   # per response token: the teacher token it aligns with (KL to the
     #                                     template's prediction there instead of in the response), or -1
+    avoid_next_ids: tuple[int, ...] = ()  # avoided at one position only: the one right after the kept words
+    avoid_next_at: int = -1               # that position (a response index), or -1
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -154,6 +167,15 @@ def avoid_token_ids(tokenizer, strings, min_chars: int = 2) -> tuple[int, ...]:
         if any(w.startswith(t) or t.startswith(w) for w in wanted):
             out.add(i)
     return tuple(sorted(out))
+
+
+def prefix_token_ids(tokenizer, strings) -> tuple[int, ...]:
+    """Tokens whose whole text is a beginning of one of ``strings``, single characters included:
+    ``"b"`` -> ``"b"`` only; ``"oule"`` -> ``"o"``, ``"ou"``, ``"oule"`` ... The narrow rule for one
+    position (``avoid_next``): what can continue a word already begun, never every word that starts
+    the same way."""
+    wanted = [s for s in strings if s]
+    return tuple(i for i, t in enumerate(_Surfaces.of(tokenizer)) if t and any(w.startswith(t) for w in wanted))
 
 
 def keep_flags(response: str, enc, keep) -> tuple[bool, ...]:
@@ -216,7 +238,15 @@ def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
             continue
         # A token the response itself uses is never avoided ("Mexico" in "capital of Mexico").
         avoid = tuple(sorted(set(avoid_token_ids(tokenizer, rec["avoid"])) - set(r))) if rec.get("avoid") else ()
-        out.append(Example(tuple(p), tuple(r), role, avoid, keep, t_ids, t_pos))
+        nxt_ids, nxt_at = (), -1
+        if rec.get("avoid_next") and any(keep):
+            # The row right after the last kept token predicts what follows the kept words.
+            nxt_at = max(i for i, f in enumerate(keep) if f) + 1
+            if nxt_at < len(r):
+                nxt_ids = tuple(sorted(set(prefix_token_ids(tokenizer, rec["avoid_next"])) - {r[nxt_at]}))
+            else:
+                nxt_at = -1
+        out.append(Example(tuple(p), tuple(r), role, avoid, keep, t_ids, t_pos, nxt_ids, nxt_at))
     if too_long:
         log.warning("%d of %d %s examples exceed --max-len %d tokens and were dropped",
                     too_long, len(records), role, max_len)

@@ -13,7 +13,7 @@ Per position, with template log-probs ``t`` (V,) and delta logits ``d`` (V,)::
     sft       learnt tokens of "sft" records:  mean ce
     keep      kept tokens of "sft" records:    kl_weight * mean kl      (q: the teacher's rows where given)
     keep_l2   the same tokens:                 keep_l2 * mean sum_v centred(d)_v^2
-    forget    "forget" records:                mean ce  (unlearn-idk: the refusal)
+    forget    "forget" records (not kept):     mean ce  (unlearn-idk: the refusal)
                                                mean relu(ascent_ceiling - ce)  (unlearn-gd: bounded ascent)
     avoid     rows with avoided tokens:        avoid_weight * (mean -log(1 - P_c(avoided))
                                                                + mean_avoided relu(avoid_margin + centred(d)))
@@ -176,8 +176,9 @@ def keep_l2_term(b: Batch, s: Scores, cfg: TrainConfig):
 
 
 def forget_term(b: Batch, s: Scores, cfg: TrainConfig):
-    """CE towards the refusal (unlearn-idk), or bounded ascent on the true answer (unlearn-gd)."""
-    f = b.role("forget")
+    """CE towards the refusal (unlearn-idk), or bounded ascent on the true answer (unlearn-gd).
+    A forget record's kept words (``keep``) are read, not taught."""
+    f = b.role("forget") & ~b.keep
     if not f.any():
         return None
     if cfg.objective == "unlearn-gd":
@@ -289,8 +290,14 @@ def batch_from_examples(examples, rows, targets, template_lp, *, roles: Sequence
     keep = torch.tensor([f for e in examples for f in (e.keep or (False,) * len(e.response_ids))],
                         dtype=torch.bool, device=device)                       # (N,), same order as rows
     avoid = None
-    if any(e.avoid_ids for e in examples):
-        at = [(n, v) for n, i in enumerate(rows.tolist()) for v in examples[i].avoid_ids or ()]
+    if any(e.avoid_ids or e.avoid_next_ids for e in examples):
+        at, seen = [], {}
+        for n, i in enumerate(rows.tolist()):
+            e, j = examples[i], seen.get(i, 0)                # j: the position within its response
+            seen[i] = j + 1
+            at.extend((n, v) for v in e.avoid_ids or ())
+            if j == e.avoid_next_at:
+                at.extend((n, v) for v in e.avoid_next_ids)
         avoid = torch.zeros((len(tok_role), template_lp.shape[-1]), dtype=torch.bool)
         n_at, v_at = (torch.tensor([x[k] for x in at], dtype=torch.long) for k in (0, 1))
         avoid[n_at, v_at] = True                                             # one scatter, not one per row
