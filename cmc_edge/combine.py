@@ -63,13 +63,33 @@ def centred_torch(delta_logits):
     return delta_logits - delta_logits.mean(-1, keepdim=True)
 
 
+def floored_np(shift: np.ndarray, floor: float) -> np.ndarray:
+    """The shift with every entry smaller than ``floor`` in magnitude set to 0 (``floor`` 0: unchanged).
+
+    A delta trained to stay silent outside what it teaches is never exactly silent: it leaves
+    shifts of a tenth of a nat over tokens its template never puts weight on, where KL to the
+    template cannot see them. Another LLM may sit at a near tie exactly there (Gemma 3 base between
+    its answer and the newline that ends it), and a tenth of a nat flips it. The floor drops
+    those shifts and keeps the ones the delta was trained to make (an avoided answer sits several
+    nats down). It is applied to the shift actually added, after alpha, per delta.
+
+    >>> floored_np(np.array([0.1, -0.3, 2.0], np.float32), 0.25).tolist()
+    [0.0, -0.30000001192092896, 2.0]
+    """
+    s = np.asarray(shift, np.float32)
+    if not floor:
+        return s
+    return np.where(np.abs(s) >= np.float32(floor), s, np.float32(0.0)).astype(np.float32)
+
+
 def mapped_shift_np(delta_logits: np.ndarray, index: np.ndarray, mask: np.ndarray,
-                    alpha: float) -> np.ndarray:
+                    alpha: float, floor: float = 0.0) -> np.ndarray:
     """The shift CMC adds to a target LLM's logits. (V_d,) -> (V_t,)
 
     ``index[t]`` is the delta token that target token ``t`` maps to, ``mask[t]`` whether it maps
-    at all; unmapped tokens get 0. This is the reference form; the runtime's in-place variants
-    (:mod:`cmc_edge.runtime.shift`, full and top-k) must agree with it (tested).
+    at all; unmapped tokens get 0; with a ``floor`` (:func:`floored_np`) shifts smaller than it get
+    0 too. This is the reference form; the runtime's in-place variants (:mod:`cmc_edge.runtime.shift`,
+    full and top-k) must agree with it (tested).
     """
     d = centred_np(delta_logits)
-    return np.where(mask, np.float32(alpha) * d[index], np.float32(0.0)).astype(np.float32)
+    return floored_np(np.where(mask, np.float32(alpha) * d[index], np.float32(0.0)), floor)

@@ -180,6 +180,12 @@ def bundle_from_the_future(env):
     return ["inspect", str(b)]
 
 
+def bundle_with_negative_floor(env):
+    b = env.bundle()
+    rewrite_manifest(b, shift_floor=-0.5)
+    return env.gen(delta=b)
+
+
 def bundle_of_format_1(env):
     """A bundle from before the output layer moved out of the graph."""
     b = env.bundle()
@@ -420,6 +426,7 @@ CASES = [
     case("bundle-file-missing", member_missing, "is missing from", "copy the whole bundle"),
     case("bundle-path-escapes", member_escapes, "points outside", "inside their own directory"),
     case("bundle-newer-format", bundle_from_the_future, "format version 3", "upgrade cmc-edge"),
+    case("bundle-negative-floor", bundle_with_negative_floor, "shift_floor", "set it to 0"),
     case("bundle-old-format", bundle_of_format_1, "format version 1, no longer supported", "cmc-edge export"),
     case("embedding-wrong-shape", embedding_wrong_shape, "the manifest declares float32 (300, 32)", "re-export"),
     case("head-groups-corrupt", head_groups_corrupt, "cannot read the delta's head groups", "re-export"),

@@ -126,3 +126,29 @@ def test_logit_bias_bans_tokens_with_and_without_a_delta(tiny_gguf, tmp_path, wi
     assert biased.tokens != free.tokens
     with pytest.raises(InputError, match="logit_bias"):
         eng.generate(PROMPT, SamplingParams(max_tokens=2, logit_bias=((10**9, -1.0),))).read()
+
+
+def test_the_bundles_shift_floor_drops_small_shifts(tiny_gguf, tmp_path):
+    """``shift_floor`` in the manifest reaches the runtime: a floor above every shift leaves the
+    target's own answer; without one the same delta changes it; a floor is kept per delta."""
+    import json
+
+    from cmc_edge.runtime.engine import Delta
+    from tiny_checkpoint import make_tiny_bundle
+
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    plain = Engine(target, []).generate(PROMPT, params)
+    plain.read()
+    bundle = make_tiny_bundle(tmp_path / "b")
+    steered = Engine(target, [Delta(bundle, target, alpha=3.0)]).generate(PROMPT, params)
+    steered.read()
+    assert steered.tokens != plain.tokens
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["shift_floor"] = 1e6
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    delta = Delta(bundle, target, alpha=3.0)
+    assert delta.mapped.floor == 1e6
+    floored = Engine(target, [delta]).generate(PROMPT, params)
+    floored.read()
+    assert floored.tokens == plain.tokens

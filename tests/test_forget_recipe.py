@@ -282,6 +282,8 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
     assert any("1 kept facts" in w for w in rep["warnings"]) and "1 kept facts" in printed.err
     bundle = load_bundle(out / "bundle")
     assert bundle.default_alpha == rep["alpha"] and "validation" in bundle.manifest["default_alpha_reason"]
+    # the recipe's shift floor goes into the bundle, so every runtime that loads it drops the same shifts
+    assert bundle.shift_floor == rep["config"]["shift_floor"] == fr.ForgetConfig().shift_floor > 0
     assert bundle.manifest["objective"] == "unlearn-idk"          # so `serve` enforces it by default
     # answered 8 prompts at a time by default; the check's time is reported per model
     assert rep["config"]["side_by_side"] == 8 and f"check {tiny_gguf}" in rep["timings"]

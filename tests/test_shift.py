@@ -24,28 +24,43 @@ def test_raw_logit_shift_gives_the_same_distribution_as_the_paper_rule():
     np.testing.assert_allclose(log_softmax_np(runtime), log_softmax_np(combine_np(t, head.logits(h), 1.5)), atol=1e-5)
 
 
-def test_full_shift_matches_the_reference():
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_full_shift_matches_the_reference(floor):
     rng = np.random.default_rng(2)
     head = random_head(rng, v=40)
     h = rng.normal(size=16).astype(np.float32)
     index = rng.integers(0, 40, size=70)
     mask = rng.random(70) < 0.8
-    ref = mapped_shift_np(head.logits(h), np.where(mask, index, 0), mask, 0.7)
+    ref = mapped_shift_np(head.logits(h), np.where(mask, index, 0), mask, 0.7, floor=floor)
     got = np.zeros(70, np.float32)
-    MappedHead(head, np.where(mask, index, 0), mask).shift_full(h, 0.7, got)
+    MappedHead(head, np.where(mask, index, 0), mask, floor=floor).shift_full(h, 0.7, got)
     assert np.all(got[~mask] == 0)
     np.testing.assert_allclose(got, ref, atol=1e-5)
+    unfloored = mapped_shift_np(head.logits(h), np.where(mask, index, 0), mask, 0.7)
+    small = mask & (np.abs(unfloored) < floor)
+    assert np.all(got[small] == 0) and np.all(got[~small] == unfloored[~small])
+    assert small.any() == (floor > 0)      # the floor drops something here, and only a floor does
 
 
-def test_shift_at_matches_the_full_shift():
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_shift_at_matches_the_full_shift(floor):
     rng = np.random.default_rng(3)
     head = random_head(rng)
-    m = MappedHead(head, rng.integers(0, 300, size=500), rng.random(500) < 0.9)
+    m = MappedHead(head, rng.integers(0, 300, size=500), rng.random(500) < 0.9, floor=floor)
     h = rng.normal(size=16).astype(np.float32)
     full = np.zeros(500, np.float32)
     m.shift_full(h, -1.3, full)
     ids = rng.choice(500, size=60, replace=False)
     np.testing.assert_allclose(m.shift_at(h, -1.3, ids), full[ids], atol=1e-5)
+
+
+def test_a_negative_or_infinite_floor_is_refused():
+    from cmc_edge.errors import DeltaFault
+
+    head = random_head(np.random.default_rng(0), v=10)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(DeltaFault, match="shift floor"):
+            MappedHead(head, np.arange(10), np.ones(10, bool), floor=bad)
 
 
 def top(scores, k):
@@ -55,15 +70,16 @@ def top(scores, k):
 
 def test_whole_vocabulary_bound_and_per_token_ranges_hold_every_shift():
     rng = np.random.default_rng(6)
-    for grouped in (False, True):
+    for grouped, floor in ((False, 0.0), (True, 0.0), (False, 0.5), (True, 0.5)):
         head = random_head(rng, grouped=grouped)
-        m = MappedHead(head, rng.integers(0, 300, size=500), rng.random(500) < 0.8)
+        m = MappedHead(head, rng.integers(0, 300, size=500), rng.random(500) < 0.8, floor=floor)
         for alpha in (-1.5, 0.7):
             h = rng.normal(size=16).astype(np.float32) * 2
             full = np.zeros(500, np.float32)
             m.shift_full(h, alpha, full)
             bound = m.shift_bound(h, alpha)
             assert np.all(np.abs(full) <= bound) and bound < 10 * np.abs(full).max()
+            assert (full[m.mask] == 0).any() == (floor > 0)
             ids = rng.choice(500, size=80)
             lo, hi = m.shift_range_at(h, alpha, ids)
             glo, ghi = m.shift_range(h, alpha)
@@ -91,7 +107,8 @@ def test_top_k_path_is_exact(k, gather, monkeypatch):
         for _ in range(int(rng.integers(1, 3))):
             head = random_head(rng, v=int(rng.integers(50, 400)), scale=float(rng.choice([0.05, 0.3, 1.0])),
                                grouped=bool(rng.random() < 0.5))
-            m = MappedHead(head, rng.integers(0, head.vocab_size, size=v_t), rng.random(v_t) < 0.85)
+            m = MappedHead(head, rng.integers(0, head.vocab_size, size=v_t), rng.random(v_t) < 0.85,
+                           floor=float(rng.choice([0.0, 0.0, 0.2, 1.0])))
             parts.append((m, rng.normal(size=16).astype(np.float32) * float(rng.choice([0.5, 3.0])),
                           float(rng.choice([-1.0, 0.5, 1.0, 2.0]))))
         t = (rng.normal(size=v_t) * float(rng.choice([0.5, 3.0, 10.0]))).astype(np.float32)
@@ -192,7 +209,8 @@ def test_shifted_argmax_is_the_greedy_token_of_the_full_shift():
         v_t = int(rng.integers(2, 2000))
         head = random_head(rng, v=int(rng.integers(50, 400)), scale=float(rng.choice([0.05, 0.3, 1.0])),
                            grouped=bool(rng.random() < 0.5))
-        m = MappedHead(head, rng.integers(0, head.vocab_size, size=v_t), rng.random(v_t) < 0.85)
+        m = MappedHead(head, rng.integers(0, head.vocab_size, size=v_t), rng.random(v_t) < 0.85,
+                       floor=float(rng.choice([0.0, 0.0, 0.2, 1.0])))
         parts = [(m, rng.normal(size=16).astype(np.float32) * float(rng.choice([0.5, 3.0])),
                   float(rng.choice([-1.0, 1.0, 2.0])))]
         t = (rng.normal(size=v_t) * float(rng.choice([0.5, 3.0, 10.0]))).astype(np.float32)

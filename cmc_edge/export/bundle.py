@@ -184,9 +184,24 @@ def set_default_alpha(bundle_dir: str | Path, alpha: float, *, reason: str) -> N
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise InputError(f"a bundle's default alpha must be a positive finite number, got {alpha!r}",
                          fix="pass e.g. 1.0")
+    _set_manifest(bundle_dir, default_alpha=float(alpha), default_alpha_reason=reason)
+
+
+def set_shift_floor(bundle_dir: str | Path, floor: float, *, reason: str) -> None:
+    """Record the shift floor a recipe chose for this bundle (``shift_floor``, and why) in its manifest:
+    at decode time shifts smaller than it are dropped (:func:`cmc_edge.combine.floored_np`)."""
+    import math
+
+    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and math.isfinite(floor) and floor >= 0):
+        raise InputError(f"a bundle's shift floor must be a finite number >= 0, got {floor!r}",
+                         fix="pass e.g. 0.3 (nats), or 0 for none")
+    _set_manifest(bundle_dir, shift_floor=float(floor), shift_floor_reason=reason)
+
+
+def _set_manifest(bundle_dir: str | Path, **fields) -> None:
+    """Write ``fields`` into a bundle's manifest (members keep their checksums) and check it loads."""
     path = Path(bundle_dir) / MANIFEST
     manifest = read_json(path, "bundle manifest")
-    manifest["default_alpha"] = float(alpha)
-    manifest["default_alpha_reason"] = reason
+    manifest.update(fields)
     write_json(path, manifest)
     load_bundle(bundle_dir, verify=False)

@@ -62,6 +62,11 @@ class ForgetConfig:
     retain_l2: float = 1e-4
     # Never above 1, the strength the delta was trained at: past it refusals come out garbled.
     alphas: tuple[float, ...] = (0.5, 0.75, 1.0)
+    # Shifts under this many nats are dropped at decode time (cmc_edge.combine.floored_np): the
+    # delta's near-silence elsewhere (a tenth of a nat) flips other LLMs' near ties; what it was
+    # trained to push (the answers, 16 nats down) is far above it. Picked before measuring, then
+    # checked on people (runs/floor-exp: damage -> ~0, forgetting unchanged) and the four-set bar.
+    shift_floor: float = 0.3
     answer_tokens: int = 32
     check_tokens: int = 24
     probes: bool = True
@@ -77,6 +82,10 @@ class ForgetConfig:
     def __post_init__(self):
         if not self.alphas or any(not (math.isfinite(a) and a > 0) for a in self.alphas):
             raise InputError(f"alphas must be positive numbers, got {self.alphas}", fix="e.g. --alpha 0.5 --alpha 1")
+        if not (isinstance(self.shift_floor, (int, float)) and math.isfinite(self.shift_floor)
+                and self.shift_floor >= 0):
+            raise InputError(f"--shift-floor must be a number >= 0, got {self.shift_floor!r}",
+                             fix="e.g. --shift-floor 0.3 (nats); 0 keeps every shift")
         if self.steps < 1:
             raise InputError("--steps must be >= 1", fix="pass a positive number of training steps")
         if not (isinstance(self.side_by_side, int) and self.side_by_side >= 1):
@@ -633,7 +642,7 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     from cmc_edge.artifacts import atomic_dir
     from cmc_edge.eval.demo_data import BROAD_PROMPTS, GENERAL_TEXT
     from cmc_edge.eval.runner import perplexity
-    from cmc_edge.export.bundle import set_default_alpha
+    from cmc_edge.export.bundle import set_default_alpha, set_shift_floor
     from cmc_edge.models import resolve_model
     from cmc_edge.recipes.facts import read_facts
     from cmc_edge.recipes.scaffold import Stopwatch, answer_at, jsonable, train_and_export
@@ -691,6 +700,7 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                                **cfg.train_overrides)
             bundle = train_and_export(run, template_path, tcfg, template=tpl)
             del tpl
+            set_shift_floor(bundle, cfg.shift_floor, reason="the forget recipe's default (--shift-floor)")
         with sw("validate"):
             from cmc_edge.runtime.target import TargetLLM
 

@@ -136,6 +136,7 @@ class Bundle:
     prompt_format: dict
     default_alpha: float
     delta_vocab_hash: str
+    shift_floor: float = 0.0             # shifts smaller than this (nats, after alpha) are dropped; 0: none
 
     @property
     def max_positions(self) -> int:
@@ -256,6 +257,10 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     vocab_hash = manifest.get("delta_vocab_hash")
     if not isinstance(vocab_hash, str) or not vocab_hash:
         raise ArtifactError(f"{mpath} has no delta_vocab_hash", fix=_REEXPORT)
+    floor = manifest.get("shift_floor", 0.0)
+    if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not math.isfinite(floor) or floor < 0:
+        raise ArtifactError(f"{mpath} has a shift_floor that is not a finite number >= 0 ({floor!r})",
+                            fix="set it to 0 (no floor) or the value its recipe chose, or " + _REEXPORT)
     prompt_format = manifest.get("prompt_format") or {}
     if not isinstance(prompt_format, dict):
         raise ArtifactError(f"{mpath} has a malformed prompt_format", fix=_REEXPORT)
@@ -263,6 +268,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     bundle = Bundle(root=root.resolve(), manifest=manifest, files=files, models=models,
                     tokenizer_path=tokenizer_path, embedding_path=embedding_path, groups_path=groups_path,
                     onnx=OnnxSpec.from_dict(manifest.get("onnx")),
-                    prompt_format=prompt_format, default_alpha=float(alpha), delta_vocab_hash=vocab_hash)
+                    prompt_format=prompt_format, default_alpha=float(alpha), delta_vocab_hash=vocab_hash,
+                    shift_floor=float(floor))
     log.debug("loaded delta bundle %s (%s)", root, ", ".join(sorted(models)))
     return bundle

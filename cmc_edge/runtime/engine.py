@@ -153,7 +153,7 @@ class Delta:
         self.session = OnnxDelta(self.bundle, variant=variant, providers=providers, threads=threads)
         self.variant = self.session.variant
         self.head = self.session.head
-        self.mapped = MappedHead(self.head, self.map.index, self.map.mask)
+        self.mapped = MappedHead(self.head, self.map.index, self.map.mask, floor=self.bundle.shift_floor)
 
     @property
     def objective(self) -> str | None:

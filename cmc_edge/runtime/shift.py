@@ -36,11 +36,12 @@ decoding needs no sampler at all: :func:`shifted_argmax` returns the best candid
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
-from cmc_edge.combine import centred_np
+from cmc_edge.combine import centred_np, floored_np
 from cmc_edge.errors import DeltaFault
 
 # Past this many candidates (rows of E gathered) the full computation is about as cheap; use it.
@@ -141,10 +142,16 @@ class DeltaHead:
 
 
 class MappedHead:
-    """One delta head seen from one target vocabulary: target id -> delta id (``index``, ``mask``)."""
+    """One delta head seen from one target vocabulary: target id -> delta id (``index``, ``mask``).
+    ``floor``: shifts smaller than this in magnitude are dropped (:func:`cmc_edge.combine.floored_np`;
+    the bundle's ``shift_floor``, 0 for none)."""
 
-    def __init__(self, head: DeltaHead, index: np.ndarray, mask: np.ndarray):
+    def __init__(self, head: DeltaHead, index: np.ndarray, mask: np.ndarray, floor: float = 0.0):
         self.head = head
+        self.floor = float(floor)
+        if not (math.isfinite(self.floor) and self.floor >= 0):
+            raise DeltaFault(f"the shift floor must be a finite number >= 0, got {floor!r}",
+                             fix="set shift_floor in the bundle's manifest to 0 or more (0: no floor)")
         self.index = np.ascontiguousarray(index, dtype=np.int64)                         # (V_t,)
         self.mask = np.ascontiguousarray(mask, dtype=bool)                              # (V_t,)
         if self.index.shape != self.mask.shape or (self.mask & (self.index >= head.vocab_size)).any():
@@ -159,7 +166,7 @@ class MappedHead:
     def shift_full(self, h: np.ndarray, alpha: float, out: np.ndarray) -> None:
         """``out += shift`` over the whole target vocabulary. (V_t,)"""
         z = centred_np(self.head.logits(h))                                             # (V_d,)
-        out[self.dst] += np.float32(alpha) * z[self.src]
+        out[self.dst] += floored_np(np.float32(alpha) * z[self.src], self.floor)
 
     def shift_at(self, h: np.ndarray, alpha: float, ids: np.ndarray) -> np.ndarray:
         """The exact shift of target tokens ``ids`` only. (n,)
@@ -169,7 +176,7 @@ class MappedHead:
         rows = self.head.E[self.index[ids]]                                             # (n, d)
         # einsum, not BLAS: no worker threads waking up beside llama.cpp's for a small product
         z = np.einsum("ij,j->i", rows, h) - np.float32(self.mean_row_dot(h))
-        return np.where(self.mask[ids], np.float32(alpha) * z, np.float32(0.0)).astype(np.float32)
+        return floored_np(np.where(self.mask[ids], np.float32(alpha) * z, np.float32(0.0)), self.floor)
 
     def mean_row_dot(self, h: np.ndarray) -> float:
         return float(self.head.mean_row @ h)
@@ -185,15 +192,21 @@ class MappedHead:
         mapped = g < self.head.n_groups
         lo, hi = self.head.centred_range_of(h, np.where(mapped, g, 0))
         a = np.float32(alpha)
-        s_lo, s_hi = np.minimum(a * lo, a * hi), np.maximum(a * lo, a * hi)
+        s_lo, s_hi = self._with_floor(np.minimum(a * lo, a * hi), np.maximum(a * lo, a * hi))
         zero = np.float32(0.0)
         return (np.where(mapped, s_lo, zero) - np.float32(_ABS), np.where(mapped, s_hi, zero) + np.float32(_ABS))
+
+    def _with_floor(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A range of shifts once the floor may drop any of them to 0: widened to hold 0."""
+        if not self.floor:
+            return lo, hi
+        return np.minimum(lo, np.float32(0.0)), np.maximum(hi, np.float32(0.0))
 
     def shift_range(self, h: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
         """Per group (plus the unmapped group, last), the lowest and highest shift. (B + 1,) x 2"""
         lo, hi = self.head.centred_range(h)
         a = np.float32(alpha)
-        s_lo, s_hi = np.minimum(a * lo, a * hi), np.maximum(a * lo, a * hi)
+        s_lo, s_hi = self._with_floor(np.minimum(a * lo, a * hi), np.maximum(a * lo, a * hi))
         zero = np.zeros(1, np.float32)
         return np.concatenate([s_lo, zero]) - np.float32(_ABS), np.concatenate([s_hi, zero]) + np.float32(_ABS)
 
