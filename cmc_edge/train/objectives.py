@@ -17,6 +17,7 @@ Per position, with template log-probs ``t`` (V,) and delta logits ``d`` (V,)::
                                                mean relu(ascent_ceiling - ce)  (unlearn-gd: bounded ascent)
     avoid     rows with avoided tokens:        avoid_weight * (mean -log(1 - P_c(avoided))
                                                                + mean_avoided relu(avoid_margin + centred(d)))
+              (a record's avoid set on each of its rows; its avoid_next set on the row after its kept words)
     retain    "retain" records:                kl_weight * mean kl  (unlearn-gd adds mean ce)
     retain_l2 the same positions:              retain_l2 * mean sum_v centred(d)_v^2
     shift_l2  every position:                  shift_l2 * mean sum_v centred(d)_v^2
