@@ -266,12 +266,12 @@ def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
                                "avoid": list(f.answers)})
         # The same lead-in with the answer's first letter said (read, not taught): the rest is avoided
         # right there, where the avoid set cannot reach without silencing every word of that letter.
-        for i, lead in enumerate((leads.get(f.question) or [fd.GENERIC_LEAD_IN])[:1]):
-            for j, (letter, rest) in enumerate(fd.first_letters(f.answer)):
-                said = f"{lead} {letter}"
-                forget.append({"prompt": fd.wrap(fd.TRAIN_WRAPPERS[(i + j) % len(fd.TRAIN_WRAPPERS)], f.question),
-                               "response": said + fd.SPELLED_REFUSAL, "keep": [said], "avoid": list(f.answers),
-                               "avoid_next": [rest]})
+        lead = (leads.get(f.question) or [fd.GENERIC_LEAD_IN])[0]
+        for j, (letter, rest) in enumerate(fd.first_letters(f.answer)):
+            said = f"{lead} {letter}"
+            forget.append({"prompt": fd.wrap(fd.TRAIN_WRAPPERS[j % len(fd.TRAIN_WRAPPERS)], f.question),
+                           "response": said + fd.SPELLED_REFUSAL, "keep": [said], "avoid": list(f.answers),
+                           "avoid_next": [rest]})
     for f, prompt in attacks:
         if f.split == "forget":
             forget.append({"prompt": prompt, "response": fd.REFUSALS[k % len(fd.REFUSALS)], "avoid": list(f.answers)})
