@@ -116,9 +116,25 @@ def test_build_records_uses_the_templates_own_lead_ins_and_holds_the_rest():
 
     assert all(normalize_record(r, "forget.jsonl", 1)["avoid_next"] == r["avoid_next"] for r in spelled)
     # training never sees a validation or test wrapper
-    prompts = {r["prompt"] for r in forget + retain}
+    prompts = {r["prompt"] for r in forget + retain if "prompt" in r}
     for w in fd.VALIDATION_WRAPPERS + fd.TEST_WRAPPERS:
         assert not any(p == fd.wrap(w, f.question) for p in prompts for f in facts)
+
+
+def test_broad_answers_are_also_held_as_plain_prose_without_the_forgotten_answers():
+    facts = facts2()
+    broad = ["Write a poem.", "Describe a market.", "Name a metal.", "Tell a story."]
+    answers = {"Write a poem.": "Roses are red, violets are blue, the sea is wide.",
+               "Describe a market.": "A busy market sells fruit, fish and bread to the town.",
+               "Name a metal.": "Gold, whose symbol is Au, is a precious metal.",
+               "Tell a story.": "Once."}
+    forget, retain, stats = fr.build_records(facts, answers, broad)
+    texts = [r["text"] for r in retain if "text" in r]
+    assert texts == [answers["Write a poem."] + "\n\n" + answers["Describe a market."]]
+    assert stats["plain_text_records"] == 1
+    from cmc_edge.train.data import normalize_record
+
+    assert normalize_record({"text": texts[0]}, "retain.jsonl", 1) == {"text": texts[0]}
 
 
 def test_attack_shapes_refuse_forgotten_facts_and_hold_kept_ones():

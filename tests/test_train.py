@@ -103,6 +103,9 @@ def test_existing_output_is_not_overwritten(template, tmp_path):
     ('{"foo": 1}\n', r"unrecognised record"),
     ('{"prompt": "a", "response": "b", "avoid": "Paris"}\n', r'"avoid" must be a list'),
     ('{"prompt": "a", "response": "b", "avoid": [""]}\n', r'"avoid" must be a list of non-empty'),
+    ('{"text": "  "}\n', r'"text" must be a non-empty string'),
+    ('{"text": "some prose", "keep": ["some"]}\n', r"'keep' does not apply"),
+    ('{"text": "some prose", "avoid": "prose"}\n', r'"avoid" must be a list'),
 ])
 def test_bad_jsonl_names_file_line_and_fix(tmp_path, content, problem):
     f = tmp_path / "d.jsonl"
@@ -344,6 +347,28 @@ def _delta_logits(ckpt, ex):
         d = delta(torch.tensor([ex.ids])).logits[0]                       # (L, V)
     r = len(ex.response_ids)
     return centred_torch(d[-r - 1:-1])                                   # the shift, at the response positions
+
+
+PROSE = [{"text": "The river runs past the old mill and into the town, where children play on its banks "
+                  "and fishermen sit in the shade of the willows until the evening bell."}]
+
+
+def test_plain_text_records_read_as_a_document_and_hold_the_delta_silent_there(template, tmp_path):
+    tok, fmt = template.tokenizer, template.prompt_format
+    ex = encode_records(PROSE, tok, fmt, "retain", 128)[0]
+    # no chat turn and no end of turn: the first token is the prompt, as Engine.score_text reads text
+    assert ex.ids == tuple(tok(PROSE[0]["text"], add_special_tokens=False)["input_ids"])
+    assert len(ex.prompt_ids) == 1 and ex.role == "retain"
+    tlp = template_logprobs(template.model, [ex], 0)[0].float()                   # (R, V)
+    forget = encode_records(FORGET, tok, fmt, "forget", 128)
+    drift = {}
+    for with_text in (False, True):
+        retain = encode_records(RETAIN + (PROSE if with_text else []), tok, fmt, "retain", 128)
+        cfg = TrainConfig(objective="unlearn-idk", size="tiny", steps=30, batch_size=4, lr=2e-2)
+        out = train(template, {"forget": forget, "retain": retain}, cfg, tmp_path / f"text{with_text}", progress=False)
+        combined = torch.log_softmax(tlp + _delta_logits(out, ex), -1)
+        drift[with_text] = (tlp.exp() * (tlp - combined)).sum(-1).mean().item()   # KL(template || combined)
+    assert drift[True] < 0.5 * drift[False]
 
 
 def test_shift_l2_keeps_the_delta_flat_where_nothing_needs_moving(template, tmp_path):

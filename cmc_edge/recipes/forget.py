@@ -301,10 +301,26 @@ def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
             held(prompt, answers.get(prompt, ""), [])
     for prompt in broad:
         held(prompt, answers.get(prompt, ""), [])
-    stats = {"forget_records": len(forget), "retain_records": len(retain), "sibling_questions": list(siblings),
+    prose = plain_text_records([answers.get(p, "") for p in broad], forget_answers)
+    retain += prose
+    stats = {"forget_records": len(forget), "retain_records": len(retain), "plain_text_records": len(prose),
+             "sibling_questions": list(siblings),
              "attack_prompts": len(attacks), "lead_ins": leads,
              "retain_cut_before_forgotten_answer": cut}
     return forget, retain, stats
+
+
+def plain_text_records(texts: list[str], forget_answers: list[str], per_doc: int = 4) -> list[dict]:
+    """The template's own answers as plain prose, ``per_doc`` to a document and no chat turns around
+    them: retain records (``{"text": ...}``) that hold the delta silent where text is read as a
+    document, as perplexity is measured and completion prompts are written; every other record is a
+    chat turn. Answers under five words, and any that names a forgotten answer, are left out.
+
+    >>> plain_text_records(["One two three four five.", "Paris is big and old.", "Six seven eight nine ten."], ["Paris"])
+    [{'text': 'One two three four five.\\n\\nSix seven eight nine ten.'}]
+    """
+    kept = [t.strip() for t in texts if len(t.split()) >= 5 and fd.answer_span(t, forget_answers) is None]
+    return [{"text": "\n\n".join(kept[i:i + per_doc])} for i in range(0, len(kept), per_doc)]
 
 
 # --- measuring ----------------------------------------------------------------------------------

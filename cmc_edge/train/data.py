@@ -5,6 +5,9 @@ Accepted record shapes (one JSON object per line):
 - ``{"prompt": "...", "response": "..."}``
 - alpaca style ``{"instruction": "...", "input": "...", "output": "..."}``
 - chat ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "..."}]}``
+- plain text ``{"text": "..."}``: no chat format at all, as a document or a completion prompt reads;
+  its first token is the prompt and the rest the response (no end-of-turn token). As retain data it
+  holds the delta silent on plain prose, which no chat record reaches.
 
 An optional ``"system"`` string sets the system prompt. Unlearning (forget) records may carry
 ``"avoid": ["Paris", ...]``: strings the combined model must not start to say anywhere in that
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 _LINE_FIX = ('each line must be a JSON object with "prompt"/"response", '
-             '"instruction"/"output" or "messages" ending in an assistant turn')
+             '"instruction"/"output", "messages" ending in an assistant turn, or "text"')
 
 
 def _bad(path, line, what: str) -> InputError:
@@ -44,10 +47,20 @@ def _bad(path, line, what: str) -> InputError:
 
 
 def normalize_record(obj: object, path, line: int) -> dict:
-    """Any accepted record shape -> ``{"messages": [...], ("system": ...)}``."""
+    """Any accepted record shape -> ``{"messages": [...], ("system": ...)}``, or ``{"text": ...}``."""
     if not isinstance(obj, dict):
         raise _bad(path, line, f"expected a JSON object, got {type(obj).__name__}")
     out: dict = {}
+    if "text" in obj:
+        text, other = obj["text"], sorted(set(obj) - {"text", "avoid"})
+        if not isinstance(text, str) or not text.strip():
+            raise _bad(path, line, '"text" must be a non-empty string')
+        if other:
+            raise _bad(path, line, f'a "text" record is plain text with no chat turns; {other[0]!r} does not apply to it')
+        out["text"] = text
+        if "avoid" in obj:
+            out["avoid"] = _avoid(obj["avoid"], path, line)
+        return out
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -74,10 +87,7 @@ def normalize_record(obj: object, path, line: int) -> dict:
     if isinstance(obj.get("system"), str):
         out["system"] = obj["system"]
     if "avoid" in obj:
-        avoid = obj["avoid"]
-        if not isinstance(avoid, list) or not all(isinstance(a, str) and a.strip() for a in avoid):
-            raise _bad(path, line, '"avoid" must be a list of non-empty strings')
-        out["avoid"] = avoid
+        out["avoid"] = _avoid(obj["avoid"], path, line)
     if "keep" in obj:
         keep, resp = obj["keep"], out["messages"][-1]["content"]
         if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
@@ -106,6 +116,12 @@ def normalize_record(obj: object, path, line: int) -> dict:
     if not out["messages"][-1]["content"].strip():
         raise _bad(path, line, "the response is empty")
     return out
+
+
+def _avoid(avoid, path, line: int) -> list[str]:
+    if not isinstance(avoid, list) or not all(isinstance(a, str) and a.strip() for a in avoid):
+        raise _bad(path, line, '"avoid" must be a list of non-empty strings')
+    return avoid
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -222,6 +238,18 @@ def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
     """Tokenize records; too-long ones are dropped and counted, never silently truncated."""
     out, too_long = [], 0
     for rec in records:
+        if "text" in rec:
+            # As the runtime scores plain text (Engine.score_text): the first token is the prompt.
+            ids = tokenizer(rec["text"], add_special_tokens=False)["input_ids"]
+            if len(ids) < 2:
+                raise InputError(f"a {role} text record has fewer than two tokens: {rec['text']!r}",
+                                 fix="give plain-text records at least a few words")
+            if len(ids) > max_len:
+                too_long += 1
+                continue
+            avoid = tuple(sorted(set(avoid_token_ids(tokenizer, rec["avoid"])) - set(ids))) if rec.get("avoid") else ()
+            out.append(Example(tuple(ids[:1]), tuple(ids[1:]), role, avoid))
+            continue
         prompt = render_prompt(fmt, rec["messages"][:-1], rec.get("system"))
         response = rec["messages"][-1]["content"] + fmt.end_of_turn
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
