@@ -271,7 +271,7 @@ def cmd_forget(args) -> int:
                              if line.strip())
     cfg = ForgetConfig(template=args.template, check_models=tuple(args.check_model), steps=args.steps,
                        seed=args.seed, probes=not args.no_probes, keep_prompts=keep_prompts,
-                       side_by_side=args.side_by_side, shift_floor=args.shift_floor,
+                       side_by_side=args.side_by_side, shift_floor=args.shift_floor, prose_retain=args.prose_retain,
                        **({"retain_l2": args.retain_l2} if args.retain_l2 is not None else {}),
                        **({"alphas": tuple(args.alpha)} if args.alpha else {}))
     res = run_forget(args.facts, args.out, cfg, overwrite=args.overwrite)
@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-floor", type=float, default=fdef.shift_floor, metavar="NATS",
                    help="shifts smaller than this are dropped at decode time, recorded in the bundle "
                         f"(default: {fdef.shift_floor:g}; 0 keeps every shift)")
+    p.add_argument("--prose-retain", action="store_true",
+                   help="also hold the filter silent on plain prose (the template's broad answers as documents): "
+                        "try it when validation rejects the stronger alphas for perplexity (report.json "
+                        "validation_reasons); it may cost another LLM some kept facts, so read its report card")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--side-by-side", type=int, default=fdef.side_by_side, metavar="N",
                    help="prompts answered at once in the recipe's own answers and checks "

@@ -85,3 +85,22 @@ def test_forget_defaults_and_help_come_from_the_recipe_config():
     helps = {a.dest: a.help for a in sub._actions}
     assert f"default: {d.retain_l2:g};" in helps["retain_l2"]
     assert "default: " + ", ".join(f"{a:g}" for a in d.alphas) in helps["alpha"]
+
+
+def test_forget_prose_retain_flag_reaches_the_recipe(monkeypatch, tmp_path):
+    """Off unless asked for; --prose-retain turns it on in the config the recipe runs with."""
+    from cmc_edge import cli
+    from cmc_edge.recipes import forget
+
+    seen = []
+
+    def fake_run(facts, out, cfg, overwrite=False):
+        seen.append(cfg.prose_retain)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(forget, "run_forget", fake_run)
+    for extra in ([], ["--prose-retain"]):
+        args = cli.build_parser().parse_args(["forget", "facts.jsonl", "--out", str(tmp_path / "x"), *extra])
+        with pytest.raises(SystemExit):
+            cli.cmd_forget(args)
+    assert seen == [False, True]

@@ -128,7 +128,9 @@ def test_broad_answers_are_also_held_as_plain_prose_without_the_forgotten_answer
                "Describe a market.": "A busy market sells fruit, fish and bread to the town.",
                "Name a metal.": "Gold, whose symbol is Au, is a precious metal.",
                "Tell a story.": "Once."}
-    forget, retain, stats = fr.build_records(facts, answers, broad)
+    _, retain, stats = fr.build_records(facts, answers, broad)
+    assert not any("text" in r for r in retain) and stats["plain_text_records"] == 0     # off by default
+    forget, retain, stats = fr.build_records(facts, answers, broad, prose=True)
     texts = [r["text"] for r in retain if "text" in r]
     assert texts == [answers["Write a poem."] + "\n\n" + answers["Describe a market."]]
     assert stats["plain_text_records"] == 1

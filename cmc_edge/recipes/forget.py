@@ -67,6 +67,11 @@ class ForgetConfig:
     # trained to push (the answers, 16 nats down) is far above it. Picked before measuring, then
     # checked on people (runs/floor-exp: damage -> ~0, forgetting unchanged) and the four-set bar.
     shift_floor: float = 0.3
+    # The template's broad answers held once more as plain prose ({"text": ...} retain records).
+    # Off by default: on science (seed 1) it took validation perplexity at alpha 1 from +4.0% to
+    # +0.25% and the filter from FAIL to PASS, but on the four-set bar at seed 0 three Gemma 3 rows
+    # lost kept or general facts (7.1-9.3 points) that passed without it (BENCHMARKS.md).
+    prose_retain: bool = False
     answer_tokens: int = 32
     check_tokens: int = 24
     probes: bool = True
@@ -238,11 +243,13 @@ def found_leads(pairs: list[tuple[Fact, str]], answers: dict[str, str]) -> dict[
 
 
 def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
-                  siblings: list[str] = (), attacks: list[tuple[Fact, str]] = ()) -> tuple[list, list, dict]:
+                  siblings: list[str] = (), attacks: list[tuple[Fact, str]] = (), *,
+                  prose: bool = False) -> tuple[list, list, dict]:
     """Forget and retain training records from the facts and the template's answers
     (``answers[prompt]``, for every prompt of :func:`lead_in_prompts`, :func:`keep_prompts`,
     :func:`subject_prompts`, ``siblings``, ``broad`` and the kept facts' ``attacks``
-    (:func:`attack_prompts`): forgotten ones are refused, kept ones held). Returns (forget, retain, stats)."""
+    (:func:`attack_prompts`): forgotten ones are refused, kept ones held). With ``prose`` the broad
+    answers are held once more as plain text (:func:`plain_text_records`). Returns (forget, retain, stats)."""
     forget_facts = [f for f in facts if f.split == "forget"]
     forget_answers = [a for f in forget_facts for a in f.answers]
     by_subject: dict[str, list[str]] = {}
@@ -301,9 +308,9 @@ def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
             held(prompt, answers.get(prompt, ""), [])
     for prompt in broad:
         held(prompt, answers.get(prompt, ""), [])
-    prose = plain_text_records([answers.get(p, "") for p in broad], forget_answers)
-    retain += prose
-    stats = {"forget_records": len(forget), "retain_records": len(retain), "plain_text_records": len(prose),
+    plain = plain_text_records([answers.get(p, "") for p in broad], forget_answers) if prose else []
+    retain += plain
+    stats = {"forget_records": len(forget), "retain_records": len(retain), "plain_text_records": len(plain),
              "sibling_questions": list(siblings),
              "attack_prompts": len(attacks), "lead_ins": leads,
              "retain_cut_before_forgotten_answer": cut}
@@ -702,7 +709,8 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             answers.update(_answered(tpl, list(dict.fromkeys(siblings + [p for f, p in attacks
                                                                                 if f.split == "keep"])),
                                             cfg.answer_tokens, "template answers (siblings, attacks)"))
-            forget, retain, stats = build_records(trained, answers, broad, siblings, attacks)
+            forget, retain, stats = build_records(trained, answers, broad, siblings, attacks,
+                                                  prose=cfg.prose_retain)
             for name, rows in (("forget", forget), ("retain", retain)):
                 (run / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             (run / "facts.jsonl").write_text("".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in facts))
