@@ -297,3 +297,21 @@ def test_models_the_fused_graph_does_not_cover_export_through_torch(tmp_path, ov
     assert "--graph torch" in e.value.fix
     spec = export_onnx(model, tmp_path / "d.onnx")          # auto: falls back, still exact
     assert validate_onnx(model, tmp_path / "d.onnx", spec, embedding_table(model), tolerance=TOL)["max_abs_diff"] < TOL
+
+
+def test_recipes_export_fp32_alone_when_int8_moves_the_shift_too_far(checkpoint, tmp_path, monkeypatch):
+    """A recipe must not lose its training to an INT8 graph that drifts: the plain export refuses
+    (and writes nothing), the recipes' export ships the exact fp32 graph alone."""
+    from cmc_edge.export import quantize
+    from cmc_edge.export.bundle import FP32_NAME, INT8_NAME
+    from cmc_edge.recipes.scaffold import export_checked
+
+    real = quantize.compare_int8
+    monkeypatch.setattr(quantize, "compare_int8", lambda *a, **k: real(*a, **{**k, "max_shift_error": 0.0}))
+    with pytest.raises(ExportValidationError, match="INT8"):
+        export_bundle(checkpoint, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    out = export_checked(checkpoint, tmp_path / "b")
+    assert (out / FP32_NAME).is_file() and not (out / INT8_NAME).exists()
+    b = load_bundle(out)
+    assert set(b.models) == {"fp32"} and b.default_variant == "fp32" and b.model_path() == out / FP32_NAME

@@ -177,7 +177,6 @@ def train_and_export(run_dir: Path, template_path, train_cfg, roles=("forget", "
                      max_len: int = 256, progress: bool = True, template=None) -> Path:
     """Train on ``run_dir/<role>.jsonl`` for each role with ``train_cfg`` (a TrainConfig) and export
     the bundle to ``run_dir/bundle`` (``template``: the template already loaded from ``template_path``)."""
-    from cmc_edge.export import export_bundle
     from cmc_edge.train.data import encode_records, read_jsonl
     from cmc_edge.train.loop import train
     from cmc_edge.train.template import load_template
@@ -188,7 +187,21 @@ def train_and_export(run_dir: Path, template_path, train_cfg, roles=("forget", "
     ckpt = train(tpl, data, train_cfg, run_dir / "checkpoint", progress=progress)
     del tpl, data
     gc.collect()
-    return export_bundle(ckpt, run_dir / "bundle")
+    return export_checked(ckpt, run_dir / "bundle")
+
+
+def export_checked(checkpoint: Path, out: Path) -> Path:
+    """Export with the INT8 graph; when INT8 moves the shift past its tolerance, export the fp32
+    graph alone (exact, about 4x larger) instead of failing the recipe after its training. An fp32
+    graph that does not reproduce PyTorch still fails."""
+    from cmc_edge.errors import ExportValidationError
+    from cmc_edge.export import export_bundle
+
+    try:
+        return export_bundle(checkpoint, out)
+    except ExportValidationError as e:
+        log.warning("%s: this bundle gets the fp32 graph only", e)
+        return export_bundle(checkpoint, out, int8=False)
 
 
 def banned_tokens(target, strings: Sequence[str], min_chars: int = 2) -> tuple[int, ...]:
