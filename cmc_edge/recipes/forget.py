@@ -443,6 +443,28 @@ def _drift(rows: list[dict], base_rows: list[dict]) -> float:
     return sum(r["output"].split()[:12] != b["output"].split()[:12] for r, b in pairs) / len(pairs)
 
 
+def measure_validation(engine, facts: list[Fact], cfg: ForgetConfig) -> tuple[dict, dict]:
+    """The validation split answered and scored on ``engine`` (its one delta at alpha 0 and at each
+    of ``cfg.alphas``): ``({alpha: summary with drift and ppl}, {alpha: scored rows})``, what
+    :func:`choose_alpha` reads."""
+    from cmc_edge.eval.runner import perplexity
+    from cmc_edge.recipes.scaffold import answer_at
+
+    vitems = validation_items(facts)
+    vtext = "\n\n".join(fd.VALIDATION_PROSE)
+    measured, vrows = {}, {}
+    strengths = (0.0, *sorted(cfg.alphas))
+    every = answer_at(engine, [it["prompt"] for it in vitems], [[a] for a in strengths],
+                      max_tokens=cfg.check_tokens, side_by_side=cfg.side_by_side,
+                      desc="validation at " + ", ".join(f"{a:g}" for a in strengths))
+    for a, got in zip(strengths, every):
+        vrows[a] = score(vitems, got)
+        measured[a] = summarize([r for r in vrows[a] if r["split"] != "broad"])
+        measured[a]["drift"] = _drift(vrows[a], vrows[0.0])
+        measured[a]["ppl"] = perplexity(engine, vtext, alphas=[a])
+    return measured, vrows
+
+
 # Validation perplexity is two paragraphs of prose; the test's is other prose. A strength is safe only
 # when validation leaves this share of the bar's allowed rise unused (companies, seed 1: +4.5% on
 # validation at alpha 1 was +7.6% on the test prose).
@@ -664,11 +686,10 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     """The whole recipe; returns the result dict (also written as ``out/report.json``)."""
     from cmc_edge.artifacts import atomic_dir
     from cmc_edge.eval.demo_data import BROAD_PROMPTS, GENERAL_TEXT
-    from cmc_edge.eval.runner import perplexity
     from cmc_edge.export.bundle import set_default_alpha, set_shift_floor
     from cmc_edge.models import resolve_model
     from cmc_edge.recipes.facts import read_facts
-    from cmc_edge.recipes.scaffold import Stopwatch, answer_at, jsonable, train_and_export
+    from cmc_edge.recipes.scaffold import Stopwatch, jsonable, train_and_export
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.train.loop import TrainConfig
     from cmc_edge.train.template import load_template
@@ -731,18 +752,7 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             target = TargetLLM(template_path, n_ctx=1024, n_threads=2)
             delta = Delta(bundle, target)
             engine = Engine(target, [delta])
-            vitems = validation_items(facts)
-            vtext = "\n\n".join(fd.VALIDATION_PROSE)
-            measured, vrows = {}, {}
-            strengths = (0.0, *sorted(cfg.alphas))
-            every = answer_at(engine, [it["prompt"] for it in vitems], [[a] for a in strengths],
-                              max_tokens=cfg.check_tokens, side_by_side=cfg.side_by_side,
-                              desc="validation at " + ", ".join(f"{a:g}" for a in strengths))
-            for a, got in zip(strengths, every):
-                vrows[a] = score(vitems, got)
-                measured[a] = summarize([r for r in vrows[a] if r["split"] != "broad"])
-                measured[a]["drift"] = _drift(vrows[a], vrows[0.0])
-                measured[a]["ppl"] = perplexity(engine, vtext, alphas=[a])
+            measured, vrows = measure_validation(engine, facts, cfg)
             engine.close()
             del engine, delta, target
             alpha, status, reasons = choose_alpha(measured)

@@ -233,6 +233,12 @@ def teacher_positions(response: str, enc, teacher: str, tenc, keep, flags) -> tu
     return tuple(out)
 
 
+def _avoided(tokenizer, rec: dict, ids) -> tuple[int, ...]:
+    """The record's avoided token ids, less any token its own text uses ("Mexico" in "capital of
+    Mexico" is never avoided)."""
+    return tuple(sorted(set(avoid_token_ids(tokenizer, rec["avoid"])) - set(ids))) if rec.get("avoid") else ()
+
+
 def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
                    max_len: int) -> list[Example]:
     """Tokenize records; too-long ones are dropped and counted, never silently truncated."""
@@ -247,8 +253,7 @@ def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
             if len(ids) > max_len:
                 too_long += 1
                 continue
-            avoid = tuple(sorted(set(avoid_token_ids(tokenizer, rec["avoid"])) - set(ids))) if rec.get("avoid") else ()
-            out.append(Example(tuple(ids[:1]), tuple(ids[1:]), role, avoid))
+            out.append(Example(tuple(ids[:1]), tuple(ids[1:]), role, _avoided(tokenizer, rec, ids)))
             continue
         prompt = render_prompt(fmt, rec["messages"][:-1], rec.get("system"))
         response = rec["messages"][-1]["content"] + fmt.end_of_turn
@@ -264,8 +269,7 @@ def encode_records(records: list[dict], tokenizer, fmt: PromptFormat, role: str,
         if len(p) + max(len(r), len(t_ids)) > max_len:
             too_long += 1
             continue
-        # A token the response itself uses is never avoided ("Mexico" in "capital of Mexico").
-        avoid = tuple(sorted(set(avoid_token_ids(tokenizer, rec["avoid"])) - set(r))) if rec.get("avoid") else ()
+        avoid = _avoided(tokenizer, rec, r)
         nxt_ids, nxt_at = (), -1
         if rec.get("avoid_next") and any(keep):
             # The row right after the last kept token predicts what follows the kept words.
