@@ -305,8 +305,9 @@ def cmd_serve(args) -> int:
     except BaseException:
         engine.close()
         raise
+    source = {d.name: d.alpha_source for d in engine.deltas}
     for p in policies:
-        print(f"delta {p.name}: alpha {p.alpha:g}, {p.mode}"
+        print(f"delta {p.name}: alpha {p.alpha:g} ({source.get(p.name, 'given')}), {p.mode}"
               + (f" (requests may not go below {p.min_alpha:g})" if p.mode == "enforced" else ""), file=sys.stderr)
     settings = dataclasses.replace(settings, model_name=engine.target.path.stem, policies=policies)
     return serve(engine, settings)
@@ -355,10 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-floor", type=float, default=fdef.shift_floor, metavar="NATS",
                    help="shifts smaller than this are dropped at decode time, recorded in the bundle "
                         f"(default: {fdef.shift_floor:g}; 0 keeps every shift)")
-    p.add_argument("--prose-retain", action="store_true",
-                   help="also hold the filter silent on plain prose (the template's broad answers as documents): "
-                        "try it when validation rejects the stronger alphas for perplexity (report.json "
-                        "validation_reasons); it may cost another LLM some kept facts, so read its report card")
+    p.add_argument("--prose-retain", action=argparse.BooleanOptionalAction, default=None,
+                   help="also hold the filter silent on plain prose (the template's broad answers as documents). "
+                        "Default: only when the first filter validates short of the bar or unsafe on a checked "
+                        "model; then a second filter is trained with it (a few minutes more) and the one that "
+                        "validates better ships. --prose-retain: always; --no-prose-retain: never")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--side-by-side", type=int, default=fdef.side_by_side, metavar="N",
                    help="prompts answered at once in the recipe's own answers and checks "

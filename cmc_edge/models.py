@@ -58,3 +58,23 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         raise InputError(f"model {key!r} not found",
                          fix=f"give a path to a .gguf file or one of the packaged names {sorted(PACKAGED)}")
     return path
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a model file: what a bundle's per-model strengths are keyed by. Hashed once per
+    process for each (path, size, mtime), so a file replaced in place is hashed again."""
+    import hashlib
+
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise InputError(f"model {p} not found ({exc})", fix="give the path to a .gguf file") from exc
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        with open(p, "rb") as fh:
+            _DIGESTS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return _DIGESTS[key]

@@ -186,6 +186,12 @@ def bundle_with_negative_floor(env):
     return env.gen(delta=b)
 
 
+def bundle_with_bad_model_alpha(env):
+    b = env.bundle()
+    rewrite_manifest(b, model_alphas={"0" * 64: {"alpha": -1.0, "model": "x.gguf"}})
+    return env.gen(delta=b)
+
+
 def bundle_of_format_1(env):
     """A bundle from before the output layer moved out of the graph."""
     b = env.bundle()
@@ -427,6 +433,7 @@ CASES = [
     case("bundle-path-escapes", member_escapes, "points outside", "inside their own directory"),
     case("bundle-newer-format", bundle_from_the_future, "format version 3", "upgrade cmc-edge"),
     case("bundle-negative-floor", bundle_with_negative_floor, "shift_floor", "set it to 0"),
+    case("bundle-bad-model-alpha", bundle_with_bad_model_alpha, "malformed model_alphas", "remove model_alphas"),
     case("bundle-old-format", bundle_of_format_1, "format version 1, no longer supported", "cmc-edge export"),
     case("embedding-wrong-shape", embedding_wrong_shape, "the manifest declares float32 (300, 32)", "re-export"),
     case("head-groups-corrupt", head_groups_corrupt, "cannot read the delta's head groups", "re-export"),

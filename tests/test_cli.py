@@ -88,7 +88,8 @@ def test_forget_defaults_and_help_come_from_the_recipe_config():
 
 
 def test_forget_prose_retain_flag_reaches_the_recipe(monkeypatch, tmp_path):
-    """Off unless asked for; --prose-retain turns it on in the config the recipe runs with."""
+    """Automatic unless asked for (None: tried when validation falls short); --prose-retain always,
+    --no-prose-retain never, in the config the recipe runs with."""
     from cmc_edge import cli
     from cmc_edge.recipes import forget
 
@@ -99,8 +100,8 @@ def test_forget_prose_retain_flag_reaches_the_recipe(monkeypatch, tmp_path):
         raise SystemExit(0)
 
     monkeypatch.setattr(forget, "run_forget", fake_run)
-    for extra in ([], ["--prose-retain"]):
+    for extra in ([], ["--prose-retain"], ["--no-prose-retain"]):
         args = cli.build_parser().parse_args(["forget", "facts.jsonl", "--out", str(tmp_path / "x"), *extra])
         with pytest.raises(SystemExit):
             cli.cmd_forget(args)
-    assert seen == [False, True]
+    assert seen == [None, True, False]

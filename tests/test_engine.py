@@ -152,3 +152,33 @@ def test_the_bundles_shift_floor_drops_small_shifts(tiny_gguf, tmp_path):
     floored = Engine(target, [delta]).generate(PROMPT, params)
     floored.read()
     assert floored.tokens == plain.tokens
+
+
+def test_a_bundle_runs_at_the_strength_chosen_for_this_exact_model(tiny_gguf, tmp_path):
+    """``model_alphas`` (set by a recipe per checked model) decides the alpha on that model file;
+    any other file runs at ``default_alpha``; an alpha the caller gives always wins."""
+    import shutil
+
+    from cmc_edge.export.bundle import set_default_alpha, set_model_alpha
+    from cmc_edge.runtime.engine import Delta
+    from tiny_checkpoint import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    set_default_alpha(bundle, 1.0, reason="test")
+    set_model_alpha(bundle, tiny_gguf, 0.5, reason="test: chosen on validation")
+    other = tmp_path / "other.gguf"
+    shutil.copyfile(tiny_gguf, other)
+    with open(other, "ab") as fh:                 # another file (llama.cpp ignores trailing bytes)
+        fh.write(b"\0" * 64)
+    target = TargetLLM(tiny_gguf, n_ctx=256, n_threads=1)
+    d = Delta(bundle, target)
+    assert (d.alpha, d.alpha_source) == (0.5, "chosen for this model")
+    assert Delta(bundle, target, alpha=2.0).alpha == 2.0
+    elsewhere = Delta(bundle, TargetLLM(other, n_ctx=256, n_threads=1))
+    assert (elsewhere.alpha, elsewhere.alpha_source) == (1.0, "the bundle's default")
+    # the strength reaches the decode loop: the chosen alpha steers as that alpha given by hand does
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    runs = [Engine(target, [dl]).generate(PROMPT, params) for dl in (d, Delta(bundle, target, alpha=0.5))]
+    for r in runs:
+        r.read()
+    assert runs[0].tokens == runs[1].tokens

@@ -226,6 +226,34 @@ def test_choose_alpha(measured, alpha, status):
         assert any("refusals" in r for r in reasons) and any("perplexity" in r for r in reasons)
 
 
+def test_choose_alpha_on_a_model_that_never_gave_the_answers_takes_the_templates_strength_where_safe():
+    blind = {**BASE, "forget": 0.0}
+    m = {0.0: blind, 0.5: blind, 0.75: blind, 1.0: {**blind, "keep": 0.4}}
+    # nothing to forget on this model: no forgetting to rank by, so the template's strength, or the
+    # strongest safe one below it; never "weak" (which would retrain a filter for nothing)
+    assert fr.choose_alpha({**m, 1.0: blind}, fallback=1.0)[:2] == (1.0, "unmeasured")
+    assert fr.choose_alpha(m, fallback=1.0)[:2] == (0.75, "unmeasured")
+    assert fr.choose_alpha(m, fallback=0.25)[:2] == (0.5, "unmeasured")
+    assert fr.choose_alpha(m)[:2] == (0.5, "unmeasured")
+
+
+def _cand(*statuses, drops=(1.0,)):
+    val = {f"m{i}": {"status": st, "alpha": 1.0, "measured": {0.0: {"forget": 0.8}, 1.0: {"forget": 0.8 * (1 - d)}}}
+           for i, (st, d) in enumerate(zip(statuses, drops * len(statuses)))}
+    return {"validation": val}
+
+
+def test_candidates_rank_by_unsafe_models_then_short_ones_then_forgetting():
+    ok, weak, collapse = _cand("ok", "ok"), _cand("weak", "ok", drops=(0.8, 1.0)), _cand("ok", "collapse")
+    assert sorted([collapse, weak, ok], key=fr._candidate_rank) == [ok, weak, collapse]
+    # a model short of the bar everywhere: the candidate that forgets more there ranks first
+    assert fr._candidate_rank(_cand("weak", drops=(0.85,))) < fr._candidate_rank(_cand("weak", drops=(0.7,)))
+    # models that never knew the answers do not count toward forgetting
+    blind = _cand("unmeasured")
+    blind["validation"]["m0"]["measured"][0.0]["forget"] = 0.0
+    assert fr._candidate_rank(blind) == (0, 0, 0.0)
+
+
 def test_check_bar_compares_with_the_blocklist():
     def summary(forget, probe, keep, general, ppl, wrong):
         return {"forget": forget, "probe": probe, "keep": keep, "general": general, "ppl": ppl,
@@ -296,10 +324,16 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
         assert (out / name).is_file(), name
     rep = json.loads((out / "report.json").read_text())
     assert rep["alpha"] in (1.0, 2.0) and set(rep["validation"]) == {"0.0", "1.0", "2.0"}
+    # the tiny model knows none of the answers: forgetting is unmeasured, which is no reason to
+    # train a second filter
+    assert rep["status"] == "unmeasured" and len(rep["candidates"]) == 1 and not (out / "rejected").exists()
     # one kept fact: nothing of the forgotten kind is held out to judge the strength, and the user is told
     assert any("1 kept facts" in w for w in rep["warnings"]) and "1 kept facts" in printed.err
     bundle = load_bundle(out / "bundle")
     assert bundle.default_alpha == rep["alpha"] and "validation" in bundle.manifest["default_alpha_reason"]
+    # the strength chosen on the template is recorded for that exact file, and the runtime runs it there
+    from cmc_edge.models import model_digest
+    assert bundle.alpha_for(model_digest(tiny_gguf)) == (rep["alpha"], "chosen for this model")
     # the recipe's shift floor goes into the bundle, so every runtime that loads it drops the same shifts
     assert bundle.shift_floor == rep["config"]["shift_floor"] == fr.ForgetConfig().shift_floor > 0
     assert bundle.manifest["objective"] == "unlearn-idk"          # so `serve` enforces it by default
@@ -386,3 +420,43 @@ def test_held_out_kept_facts_are_never_trained_and_judge_the_strength():
 def test_bad_recipe_settings_name_the_flag(kw, words):
     with pytest.raises(InputError, match=words):
         fr.ForgetConfig(**kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second_wins", [True, False])
+def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_one_ships(
+        tiny_gguf, tmp_path, monkeypatch, second_wins):
+    """By default a filter that validates "weak" is trained once more with plain-prose retain
+    records; the one that validates better ships at the top of the run directory (its records,
+    its bundle, each model's alpha), the other's records go to ``rejected/`` without weights."""
+    from cmc_edge.models import model_digest
+    from cmc_edge.runtime.bundle import load_bundle
+
+    real = fr.validate_models
+    calls = []
+
+    def validate(bundle, models, facts, cfg):
+        got = real(bundle, models, facts, cfg)
+        first = not calls
+        calls.append(bundle)
+        status = "weak" if first or not second_wins else "ok"
+        alpha = 1.0 if first else 2.0
+        return {n: {**v, "status": status, "alpha": alpha} for n, v in got.items()}
+
+    monkeypatch.setattr(fr, "validate_models", validate)
+    facts = write(tmp_path, [GOLD, HAMLET])
+    out = tmp_path / "filter"
+    rep = fr.run_forget(facts, out, fr.ForgetConfig(template=str(tiny_gguf), steps=1, alphas=(1.0, 2.0),
+                                                    probes=False))
+    assert len(calls) == 2 and calls[1] != calls[0]
+    assert [c["prose_retain"] for c in rep["candidates"]] == [False, True]
+    assert [c["chosen"] for c in rep["candidates"]] == [not second_wins, second_wins]
+    top = [json.loads(line) for line in (out / "retain.jsonl").read_text().splitlines()]
+    other = [json.loads(line) for line in (out / "rejected" / "retain.jsonl").read_text().splitlines()]
+    assert any("text" in r for r in top) == second_wins and any("text" in r for r in other) != second_wins
+    assert not (out / "rejected" / "bundle").exists() and not (out / "prose-retain").exists()
+    bundle = load_bundle(out / "bundle")
+    want = 2.0 if second_wins else 1.0
+    assert rep["alpha"] == bundle.default_alpha == want
+    assert bundle.alpha_for(model_digest(tiny_gguf))[0] == want
+    assert "trained twice" in rep["table"]

@@ -68,10 +68,12 @@ class ForgetConfig:
     # checked on people (runs/floor-exp: damage -> ~0, forgetting unchanged) and the four-set bar.
     shift_floor: float = 0.3
     # The template's broad answers held once more as plain prose ({"text": ...} retain records).
-    # Off by default: on science (seed 1) it took validation perplexity at alpha 1 from +4.0% to
-    # +0.25% and the filter from FAIL to PASS, but on the four-set bar at seed 0 three Gemma 3 rows
-    # lost kept or general facts (7.1-9.3 points) that passed without it (BENCHMARKS.md).
-    prose_retain: bool = False
+    # None (auto): trained without them; when validation on any checked model finds the filter
+    # short of the bar ("weak") or unsafe at every strength ("collapse"), a second filter is trained
+    # with them and the one that validates better ships. On science (seed 1) they took validation
+    # perplexity at alpha 1 from +4.0% to +0.25% and the filter from FAIL to PASS; always on, three
+    # Gemma 3 rows of the four-set bar at seed 0 lost kept facts (BENCHMARKS.md). True: always; False: never.
+    prose_retain: bool | None = None
     answer_tokens: int = 32
     check_tokens: int = 24
     probes: bool = True
@@ -465,13 +467,74 @@ def measure_validation(engine, facts: list[Fact], cfg: ForgetConfig) -> tuple[di
     return measured, vrows
 
 
+def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: ForgetConfig) -> dict[str, dict]:
+    """:func:`measure_validation` and :func:`choose_alpha` on each model (the template first): each
+    model's own strength, since one strength for every LLM is what fails (Gemma 3 forgets fully at
+    alpha 0.5 where SmolLM2 needs 1, and loses kept facts at 1). ``{name: {alpha, status, reasons,
+    measured, rows}}``; a model that knows none of the forgotten answers gets the template's
+    strength where that is safe on it."""
+    from cmc_edge.models import resolve_model
+    from cmc_edge.runtime.engine import Delta, Engine
+    from cmc_edge.runtime.target import TargetLLM
+
+    out = {}
+    for name in models:
+        target = TargetLLM(resolve_model(name), n_ctx=1024, n_threads=2)
+        engine = Engine(target, [Delta(bundle, target)])
+        try:
+            measured, rows = measure_validation(engine, facts, cfg)
+        finally:
+            engine.close()
+        fallback = next(iter(out.values()))["alpha"] if out else None
+        alpha, status, reasons = choose_alpha(measured, fallback=fallback)
+        log.info("%s: alpha %g chosen on validation (%s); %s", name, alpha, status,
+                 "; ".join(f"{a:g}: forget {100 * m['forget']:.0f}%, general {100 * m['general']:.0f}%, "
+                           f"ppl {m['ppl']:.2f}" for a, m in measured.items()))
+        out[name] = {"alpha": alpha, "status": status, "reasons": reasons, "measured": measured, "rows": rows}
+    return out
+
+
+def _candidate_rank(c: dict) -> tuple:
+    """Lower is better: fewer models where no strength is safe, then fewer short of the bar, then the
+    weakest forgetting (validation, at each model's strength) the strongest."""
+    val = c["validation"].values()
+    drops = [1 - v["measured"][v["alpha"]]["forget"] / v["measured"][0.0]["forget"]
+             for v in val if v["measured"][0.0]["forget"]]
+    status = [v["status"] for v in val]
+    return status.count("collapse"), status.count("weak"), -min(drops, default=0.0)
+
+
+def _keep_candidate(run: Path, tried: list[dict], best: dict) -> None:
+    """Leave the chosen filter's records, checkpoint and bundle at the top of ``run`` and the other's
+    records (not its weights) in ``run/rejected``."""
+    import shutil
+
+    rejected = run / "rejected"
+    if best is tried[0]:
+        other = tried[1]["dir"]
+        for name in ("bundle", "checkpoint"):
+            shutil.rmtree(other / name, ignore_errors=True)
+        other.rename(rejected)
+        return
+    rejected.mkdir()
+    for name in ("forget.jsonl", "retain.jsonl"):
+        (run / name).rename(rejected / name)
+    for name in ("bundle", "checkpoint"):
+        shutil.rmtree(run / name, ignore_errors=True)
+    for p in list(best["dir"].iterdir()):
+        p.rename(run / p.name)
+    best["dir"].rmdir()
+    best["dir"] = run
+
+
 # Validation perplexity is two paragraphs of prose; the test's is other prose. A strength is safe only
 # when validation leaves this share of the bar's allowed rise unused (companies, seed 1: +4.5% on
 # validation at alpha 1 was +7.6% on the test prose).
 VALIDATION_PPL_SHARE = 0.5
 
 
-def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list[str]]:
+def choose_alpha(measured: dict[float, dict], bar=BAR, *, fallback: float | None = None
+                 ) -> tuple[float, str, list[str]]:
     """Pick the strength from validation measurements ``{alpha: summary}`` (alpha 0 = the template).
 
     An alpha is *safe* when recall on kept facts, on held-out kept facts ("kin": never trained, of
@@ -480,8 +543,11 @@ def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list
     refusals where none belong rise by at most 10 points and validation perplexity by less than
     half the bar's rise (:data:`VALIDATION_PPL_SHARE`). Among safe alphas the strongest forgetting
     wins (the smallest alpha within 2 points of it).
-    Returns (alpha, status, reasons): status "ok", "weak" (safe, but forgetting short of the bar) or
-    "collapse" (no alpha is safe: the smallest is returned and the filter must not ship silently).
+    Returns (alpha, status, reasons): status "ok", "weak" (safe, but forgetting short of the bar),
+    "collapse" (no alpha is safe: the smallest is returned and the filter must not ship silently) or
+    "unmeasured" (the model alone gave none of the forgotten answers, so only damage is measured;
+    with a ``fallback``, the template's strength, that one if it is safe here, else the strongest
+    safe one below it).
 
     >>> m = {0.0: {"forget": 0.8, "keep": 0.7, "general": 0.9, "refused_elsewhere": 0.0, "ppl": 10.0},
     ...      1.0: {"forget": 0.0, "keep": 0.7, "general": 0.9, "refused_elsewhere": 0.0, "ppl": 10.1},
@@ -513,11 +579,15 @@ def choose_alpha(measured: dict[float, dict], bar=BAR) -> tuple[float, str, list
             safe[a] = 1 - m["forget"] / base["forget"] if base["forget"] else 0.0
     if not safe:
         return min(a for a in measured if a), "collapse", reasons
+    if not base["forget"] and fallback is not None:
+        below = [a for a in safe if a <= fallback]
+        return (max(below) if below else min(safe)), "unmeasured", reasons
     best = max(safe.values())
     # Near-best forgetting; then fewer made-up answers (a refusal beats a wrong answer); then the smaller alpha.
     near = [a for a, d in safe.items() if d >= best - 0.02]
     alpha = min(near, key=lambda a: (round(measured[a].get("outcomes", {}).get("wrong", 0.0), 3), a))
-    return alpha, ("ok" if safe[alpha] >= bar["forget_drop"] else "weak"), reasons
+    status = "unmeasured" if not base["forget"] else "ok" if safe[alpha] >= bar["forget_drop"] else "weak"
+    return alpha, status, reasons
 
 
 # --- the test split: the report card -------------------------------------------------------------
@@ -614,7 +684,14 @@ def _pct(x) -> str:
 
 
 def format_report(result: dict) -> str:
-    lines = [f"filter: {result['bundle']}   alpha {result['alpha']:g} (chosen on validation: {result['status']})", ""]
+    chosen = ", ".join(f"{m['alpha']:g} on {Path(m['model']).stem} ({m['alpha_status']})" for m in result["models"])
+    lines = [f"filter: {result['bundle']}   alpha {chosen}, chosen on validation", ""]
+    tried = result.get("candidates", [])
+    if len(tried) > 1:
+        lines[-1:-1] = ["trained twice: " + "; ".join(
+            f"{'with' if c['prose_retain'] else 'without'} prose retain ("
+            + ", ".join(f"{n}: {v['status']} at {v['alpha']:g}" for n, v in c["validation"].items())
+            + ")" + (" shipped" if c["chosen"] else "") for c in tried)]
     head = (f"{'model':<10} {'decoding':<10} {'forget':>7} {'probes':>7} {'keep':>7} {'general':>8} "
             f"{'refuse*':>8} {'leaked':>7} {'refused':>8} {'silent':>7} {'wrong':>7} {'ppl':>8}")
     lines += [head, "-" * len(head)]
@@ -686,11 +763,10 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
     """The whole recipe; returns the result dict (also written as ``out/report.json``)."""
     from cmc_edge.artifacts import atomic_dir
     from cmc_edge.eval.demo_data import BROAD_PROMPTS, GENERAL_TEXT
-    from cmc_edge.export.bundle import set_default_alpha, set_shift_floor
+    from cmc_edge.export.bundle import set_default_alpha, set_model_alpha, set_shift_floor
     from cmc_edge.models import resolve_model
     from cmc_edge.recipes.facts import read_facts
     from cmc_edge.recipes.scaffold import Stopwatch, jsonable, train_and_export
-    from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.train.loop import TrainConfig
     from cmc_edge.train.template import load_template
 
@@ -730,36 +806,50 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             answers.update(_answered(tpl, list(dict.fromkeys(siblings + [p for f, p in attacks
                                                                                 if f.split == "keep"])),
                                             cfg.answer_tokens, "template answers (siblings, attacks)"))
-            forget, retain, stats = build_records(trained, answers, broad, siblings, attacks,
-                                                  prose=cfg.prose_retain)
-            for name, rows in (("forget", forget), ("retain", retain)):
-                (run / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             (run / "facts.jsonl").write_text("".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in facts))
-        log.info("training data: %d forget, %d retain records (%d sibling questions); lead-ins for %d of %d "
-                 "forget facts; %d kept facts held out for validation", len(forget), len(retain), len(siblings),
-                 len(stats["lead_ins"]), sum(f.split == "forget" for f in facts), len(facts) - len(trained))
-        with sw("train_export"):
-            tcfg = TrainConfig(objective="unlearn-idk", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                               kl_weight=cfg.kl_weight, avoid_margin=cfg.avoid_margin, retain_l2=cfg.retain_l2,
-                               size=cfg.size, seed=cfg.seed,
-                               **cfg.train_overrides)
-            bundle = train_and_export(run, template_path, tcfg, template=tpl)
-            del tpl
-            set_shift_floor(bundle, cfg.shift_floor, reason="the forget recipe's default (--shift-floor)")
-        with sw("validate"):
-            from cmc_edge.runtime.target import TargetLLM
+        tcfg = TrainConfig(objective="unlearn-idk", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                           kl_weight=cfg.kl_weight, avoid_margin=cfg.avoid_margin, retain_l2=cfg.retain_l2,
+                           size=cfg.size, seed=cfg.seed, **cfg.train_overrides)
 
-            target = TargetLLM(template_path, n_ctx=1024, n_threads=2)
-            delta = Delta(bundle, target)
-            engine = Engine(target, [delta])
-            measured, vrows = measure_validation(engine, facts, cfg)
-            engine.close()
-            del engine, delta, target
-            alpha, status, reasons = choose_alpha(measured)
-            log.info("alpha %g chosen on validation (%s); %s", alpha, status,
-                     "; ".join(f"{a:g}: forget {100 * m['forget']:.0f}%, general {100 * m['general']:.0f}%, "
-                               f"ppl {m['ppl']:.2f}" for a, m in measured.items()))
-            set_default_alpha(bundle, alpha, reason=f"chosen on the forget recipe's validation split ({status})")
+        def candidate(cdir: Path, prose: bool, tag: str) -> dict:
+            """Records, training, export and validation on every checked model for one filter."""
+            cdir.mkdir(exist_ok=True)
+            with sw("data"):
+                forget, retain, stats = build_records(trained, answers, broad, siblings, attacks, prose=prose)
+                for name, rows in (("forget", forget), ("retain", retain)):
+                    (cdir / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                for r in rows))
+            log.info("training data%s: %d forget, %d retain records (%d sibling questions); lead-ins for %d of %d "
+                     "forget facts; %d kept facts held out for validation", tag, len(forget), len(retain),
+                     len(siblings), len(stats["lead_ins"]), sum(f.split == "forget" for f in facts),
+                     len(facts) - len(trained))
+            with sw("train_export"):
+                bundle = train_and_export(cdir, template_path, tcfg, template=tpl)
+                set_shift_floor(bundle, cfg.shift_floor, reason="the forget recipe's default (--shift-floor)")
+            with sw("validate"):
+                val = validate_models(bundle, check, facts, cfg)
+            return {"dir": cdir, "prose_retain": prose, "stats": stats, "validation": val}
+
+        first = candidate(run, bool(cfg.prose_retain), "")
+        tried = [first]
+        if cfg.prose_retain is None and any(v["status"] in ("weak", "collapse") for v in first["validation"].values()):
+            log.warning("the filter validates %s; training a second one that is also held silent on plain prose "
+                        "(--prose-retain), to keep whichever validates better",
+                        ", ".join(f"{v['status']} on {n}" for n, v in first["validation"].items()))
+            tried.append(candidate(run / "prose-retain", True, " (with prose)"))
+        del tpl
+        best = min(tried, key=_candidate_rank)          # ties: the first, the recipe's tested default
+        for c in tried:
+            c["chosen"] = c is best
+        if len(tried) > 1:
+            _keep_candidate(run, tried, best)
+        bundle, stats, val = run / "bundle", best["stats"], best["validation"]
+        alpha, status, reasons = val[cfg.template]["alpha"], val[cfg.template]["status"], val[cfg.template]["reasons"]
+        set_default_alpha(bundle, alpha, reason=f"chosen on the forget recipe's validation split on {cfg.template} "
+                                                f"({status}); other models without their own alpha run at it")
+        for name, v in val.items():
+            set_model_alpha(bundle, resolve_model(name), v["alpha"],
+                            reason=f"chosen on the forget recipe's validation split on {name} ({v['status']})")
         with sw("check"):
             leads = stats["lead_ins"]
             items = test_items(facts, leads, cfg.probes)
@@ -767,7 +857,8 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             models, rows = [], {}
             for name in check:
                 with sw(f"check {name}"):
-                    res, rows[name] = check_model(name, bundle, items, alpha, facts, cfg, text)
+                    res, rows[name] = check_model(name, bundle, items, val[name]["alpha"], facts, cfg, text)
+                res["alpha"], res["alpha_status"] = val[name]["alpha"], val[name]["status"]
                 models.append(res)
         # PASS needs every check to pass and forgetting measured on at least one model; a filter whose
         # forgetting no model could show (facts none of them knew) is UNVERIFIED, never PASS.
@@ -777,9 +868,10 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
         warnings = []
         if few_kept:
             warnings.append(few_kept)
-        if status == "collapse":
-            warnings.append("no strength was safe on the validation split (" + "; ".join(reasons) + "): this filter "
-                            "damages unrelated answers; do not ship it")
+        for name, v in val.items():
+            if v["status"] == "collapse":
+                warnings.append(f"no strength was safe on the validation split on {name} (" + "; ".join(v["reasons"])
+                                + "): this filter damages unrelated answers there; do not ship it")
         for m in models:
             if unmeasured(m):
                 warnings.append(f"{m['model']} alone never gave a forgotten answer ({' or '.join(unmeasured(m))} "
@@ -789,15 +881,23 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             if bad:
                 warnings.append(f"{m['model']}: the filter damages what it should leave alone ({', '.join(bad)})")
         result = {"recipe": "forget", "facts": str(facts_path), "bundle": str(out / "bundle"), "alpha": alpha,
-                  "status": status, "validation": {str(a): m for a, m in measured.items()},
-                  "validation_reasons": reasons, "training_data": stats, "config": jsonable(asdict(cfg)),
+                  "status": status, "validation": {str(a): m for a, m in val[cfg.template]["measured"].items()},
+                  "validation_reasons": reasons,
+                  "model_validation": {n: {"alpha": v["alpha"], "status": v["status"], "reasons": v["reasons"],
+                                           "measured": {str(a): m for a, m in v["measured"].items()}}
+                                       for n, v in val.items()},
+                  "candidates": [{"prose_retain": c["prose_retain"], "chosen": c["chosen"],
+                                  "validation": {n: {k: v[k] for k in ("alpha", "status", "reasons")}
+                                                 for n, v in c["validation"].items()}} for c in tried],
+                  "training_data": stats, "config": jsonable(asdict(cfg)),
                   "models": models, "verdict": verdict, "warnings": warnings,
                   "timings": {**sw.seconds, "total": round(sw.total, 1)}}
         table = format_report(result)
         result["table"] = table
         (run / "report.txt").write_text(table + "\n")
         (run / "report.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-        answers_out = {"validation": {str(a): r for a, r in vrows.items()}, "test": rows}
+        answers_out = {"validation": {n: {str(a): r for a, r in v["rows"].items()} for n, v in val.items()},
+                       "test": rows}
         (run / "answers.json").write_text(json.dumps(answers_out, indent=1, ensure_ascii=False) + "\n")
         plot_report(result, run / "report.png")
     return result

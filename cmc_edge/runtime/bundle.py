@@ -3,7 +3,8 @@
 A bundle is ``manifest.json`` plus the files it names, each with its SHA-256::
 
     bundle/
-      manifest.json        format, version, combination rule, alpha, prompt format, vocab hash, graph I/O, checksums
+      manifest.json        format, version, combination rule, alpha (and per model), prompt format, vocab hash,
+                           graph I/O, checksums
       delta.onnx           fp32 graph with KV cache (embeddings in, final hidden state out)
       delta.int8.onnx      weights-only INT8 (optional)
       embedding.npy        the tied embedding / output layer, float32 (V, d), read without pickle
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -137,6 +138,14 @@ class Bundle:
     default_alpha: float
     delta_vocab_hash: str
     shift_floor: float = 0.0             # shifts smaller than this (nats, after alpha) are dropped; 0: none
+    model_alphas: dict = field(default_factory=dict)   # model file SHA-256 -> the alpha chosen for that model
+
+    def alpha_for(self, digest: str) -> tuple[float, str]:
+        """The strength to run on the model whose file has SHA-256 ``digest``, and where it comes
+        from: the one a recipe chose for that model, else ``default_alpha``."""
+        if digest in self.model_alphas:
+            return self.model_alphas[digest], "chosen for this model"
+        return self.default_alpha, "the bundle's default"
 
     @property
     def max_positions(self) -> int:
@@ -261,6 +270,16 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not math.isfinite(floor) or floor < 0:
         raise ArtifactError(f"{mpath} has a shift_floor that is not a finite number >= 0 ({floor!r})",
                             fix="set it to 0 (no floor) or the value its recipe chose, or " + _REEXPORT)
+    model_alphas, chosen = {}, manifest.get("model_alphas") or {}
+    if not isinstance(chosen, dict):
+        raise ArtifactError(f"{mpath} has a model_alphas that is not a mapping ({chosen!r})",
+                            fix="remove it (the bundle then runs at default_alpha), or " + _REEXPORT)
+    for digest, entry in chosen.items():
+        a = entry.get("alpha") if isinstance(entry, dict) else None
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a <= 0:
+            raise ArtifactError(f"{mpath} has a malformed model_alphas entry for {str(digest)[:12]}... ({entry!r})",
+                                fix="remove model_alphas (the bundle then runs at default_alpha), or " + _REEXPORT)
+        model_alphas[str(digest)] = float(a)
     prompt_format = manifest.get("prompt_format") or {}
     if not isinstance(prompt_format, dict):
         raise ArtifactError(f"{mpath} has a malformed prompt_format", fix=_REEXPORT)
@@ -269,6 +288,6 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
                     tokenizer_path=tokenizer_path, embedding_path=embedding_path, groups_path=groups_path,
                     onnx=OnnxSpec.from_dict(manifest.get("onnx")),
                     prompt_format=prompt_format, default_alpha=float(alpha), delta_vocab_hash=vocab_hash,
-                    shift_floor=float(floor))
+                    shift_floor=float(floor), model_alphas=model_alphas)
     log.debug("loaded delta bundle %s (%s)", root, ", ".join(sorted(models)))
     return bundle

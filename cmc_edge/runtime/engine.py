@@ -129,7 +129,16 @@ class Delta:
 
         self.bundle = load_bundle(bundle_path)
         self.name = name or Path(bundle_path).name
-        self.alpha = check_alpha(self.bundle.default_alpha if alpha is None else alpha)
+        if alpha is not None:
+            self.alpha, self.alpha_source = check_alpha(alpha), "given"
+        elif self.bundle.model_alphas:
+            from cmc_edge.models import model_digest
+
+            self.alpha, self.alpha_source = self.bundle.alpha_for(model_digest(target.path))
+        else:
+            self.alpha, self.alpha_source = self.bundle.default_alpha, "the bundle's default"
+        log.info("delta %s runs at alpha %g on %s (%s)", self.name, self.alpha, Path(target.path).name,
+                 self.alpha_source)
         self.prompt_format = PromptFormat.from_dict(self.bundle.prompt_format or {})
         text = self.bundle.tokenizer_path.read_text(encoding="utf-8")          # read and parsed once
         parsed = parse_tokenizer_json(self.bundle.tokenizer_path, text)

@@ -35,14 +35,11 @@ def _model_name(model, path: Path) -> str:
 def _converted_dir(path: Path) -> Path:
     """Where the template converted from the GGUF at ``path`` is kept: the file's SHA-256 and the
     transformers version (a new converter may dequantize differently)."""
-    import hashlib
-
     import transformers
 
-    from cmc_edge.models import cache_dir
+    from cmc_edge.models import cache_dir, model_digest
 
-    with open(path, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    digest = model_digest(path)
     return cache_dir() / "templates" / f"{digest[:24]}-tf{transformers.__version__}"
 
 
