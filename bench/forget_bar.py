@@ -50,7 +50,7 @@ def main() -> int:
         for m in rep["models"]:
             a, f, b = m["alone"], m["filter"], m["blocklist"]
             ok = all(c["pass"] for c in m["bar"].values())
-            print(f"{Path(r['facts']).stem:<12} {Path(m['model']).stem[:10]:<10} {rep['alpha']:>5g} "
+            print(f"{Path(r['facts']).stem:<12} {Path(m['model']).stem[:10]:<10} {m.get('alpha', rep['alpha']):>5g} "
                   f"{100 * a['forget']:5.1f}->{100 * f['forget']:5.1f}% {100 * a.get('probe', float('nan')):5.1f}->"
                   f"{100 * f.get('probe', float('nan')):5.1f}% {100 * (f['keep'] - a['keep']):+7.1f} "
                   f"{100 * (f['general'] - a['general']):+7.1f} {100 * (f['ppl'] / a['ppl'] - 1):+6.1f}% "
