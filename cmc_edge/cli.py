@@ -272,6 +272,7 @@ def cmd_forget(args) -> int:
     cfg = ForgetConfig(template=args.template, check_models=tuple(args.check_model), steps=args.steps,
                        seed=args.seed, probes=not args.no_probes, keep_prompts=keep_prompts,
                        side_by_side=args.side_by_side, shift_floor=args.shift_floor, prose_retain=args.prose_retain,
+                       alpha_per_model=args.alpha_per_model,
                        **({"retain_l2": args.retain_l2} if args.retain_l2 is not None else {}),
                        **({"alphas": tuple(args.alpha)} if args.alpha else {}))
     res = run_forget(args.facts, args.out, cfg, overwrite=args.overwrite)
@@ -361,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Default: only when the first filter validates short of the bar or unsafe on a checked "
                         "model; then a second filter is trained with it (a few minutes more) and the one that "
                         "validates better ships. --prose-retain: always; --no-prose-retain: never")
+    p.add_argument("--alpha-per-model", action="store_true",
+                   help="choose the strength on validation on every checked model, not only on the template, and "
+                        "record each in the bundle for that model file (the runtime runs it there); by default "
+                        "every model runs at the template's strength")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--side-by-side", type=int, default=fdef.side_by_side, metavar="N",
                    help="prompts answered at once in the recipe's own answers and checks "

@@ -105,3 +105,21 @@ def test_forget_prose_retain_flag_reaches_the_recipe(monkeypatch, tmp_path):
         with pytest.raises(SystemExit):
             cli.cmd_forget(args)
     assert seen == [None, True, False]
+
+
+def test_forget_alpha_per_model_flag_reaches_the_recipe(monkeypatch, tmp_path):
+    from cmc_edge import cli
+    from cmc_edge.recipes import forget
+
+    seen = []
+
+    def fake_run(facts, out, cfg, overwrite=False):
+        seen.append(cfg.alpha_per_model)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(forget, "run_forget", fake_run)
+    for extra in ([], ["--alpha-per-model"]):
+        args = cli.build_parser().parse_args(["forget", "facts.jsonl", "--out", str(tmp_path / "x"), *extra])
+        with pytest.raises(SystemExit):
+            cli.cmd_forget(args)
+    assert seen == [False, True]

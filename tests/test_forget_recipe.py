@@ -237,21 +237,22 @@ def test_choose_alpha_on_a_model_that_never_gave_the_answers_takes_the_templates
     assert fr.choose_alpha(m)[:2] == (0.5, "unmeasured")
 
 
-def _cand(*statuses, drops=(1.0,)):
-    val = {f"m{i}": {"status": st, "alpha": 1.0, "measured": {0.0: {"forget": 0.8}, 1.0: {"forget": 0.8 * (1 - d)}}}
-           for i, (st, d) in enumerate(zip(statuses, drops * len(statuses)))}
-    return {"validation": val}
+def _cand(template_status, drop=1.0, other="ok"):
+    m = {0.0: {"forget": 0.8}, 1.0: {"forget": 0.8 * (1 - drop)}}
+    return {"validation": {"t": {"status": template_status, "alpha": 1.0, "measured": m},
+                           "g": {"status": other, "alpha": 1.0, "measured": m}}}
 
 
-def test_candidates_rank_by_unsafe_models_then_short_ones_then_forgetting():
-    ok, weak, collapse = _cand("ok", "ok"), _cand("weak", "ok", drops=(0.8, 1.0)), _cand("ok", "collapse")
-    assert sorted([collapse, weak, ok], key=fr._candidate_rank) == [ok, weak, collapse]
-    # a model short of the bar everywhere: the candidate that forgets more there ranks first
-    assert fr._candidate_rank(_cand("weak", drops=(0.85,))) < fr._candidate_rank(_cand("weak", drops=(0.7,)))
-    # models that never knew the answers do not count toward forgetting
-    blind = _cand("unmeasured")
-    blind["validation"]["m0"]["measured"][0.0]["forget"] = 0.0
-    assert fr._candidate_rank(blind) == (0, 0, 0.0)
+def test_the_filter_trained_again_ships_only_if_better_on_the_template_and_safe_everywhere():
+    weak = _cand("weak", drop=0.8)
+    assert fr.adopt_second(weak, _cand("ok"), "t")
+    assert fr.adopt_second(weak, _cand("weak", drop=0.85), "t")            # short of the bar, but closer
+    assert not fr.adopt_second(weak, _cand("weak", drop=0.8), "t")         # no better: the first stays
+    assert not fr.adopt_second(weak, _cand("collapse"), "t")
+    # better on the template, but unsafe on another checked model: the remedy must not bring damage
+    assert not fr.adopt_second(weak, _cand("ok", other="collapse"), "t")
+    # another model's shortfall alone is no reason to swap
+    assert not fr.adopt_second(_cand("ok"), _cand("ok", other="weak"), "t")
 
 
 def test_check_bar_compares_with_the_blocklist():
@@ -331,9 +332,8 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
     assert any("1 kept facts" in w for w in rep["warnings"]) and "1 kept facts" in printed.err
     bundle = load_bundle(out / "bundle")
     assert bundle.default_alpha == rep["alpha"] and "validation" in bundle.manifest["default_alpha_reason"]
-    # the strength chosen on the template is recorded for that exact file, and the runtime runs it there
-    from cmc_edge.models import model_digest
-    assert bundle.alpha_for(model_digest(tiny_gguf)) == (rep["alpha"], "chosen for this model")
+    # one strength for every model unless --alpha-per-model: nothing per model in the bundle
+    assert "model_alphas" not in bundle.manifest and not rep["config"]["alpha_per_model"]
     # the recipe's shift floor goes into the bundle, so every runtime that loads it drops the same shifts
     assert bundle.shift_floor == rep["config"]["shift_floor"] == fr.ForgetConfig().shift_floor > 0
     assert bundle.manifest["objective"] == "unlearn-idk"          # so `serve` enforces it by default
@@ -423,14 +423,23 @@ def test_bad_recipe_settings_name_the_flag(kw, words):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("second_wins", [True, False])
+@pytest.mark.parametrize("second_wins, per_model", [(True, False), (False, True)])
 def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_one_ships(
-        tiny_gguf, tmp_path, monkeypatch, second_wins):
+        tiny_gguf, tmp_path, monkeypatch, second_wins, per_model):
     """By default a filter that validates "weak" is trained once more with plain-prose retain
     records; the one that validates better ships at the top of the run directory (its records,
-    its bundle, each model's alpha), the other's records go to ``rejected/`` without weights."""
+    its bundle, its alpha), the other's records go to ``rejected/`` without weights. A checked
+    model is validated at the template's strength only, or, with ``alpha_per_model``, at every
+    strength, and its own choice is recorded in the bundle for its file."""
+    import shutil
+
     from cmc_edge.models import model_digest
     from cmc_edge.runtime.bundle import load_bundle
+
+    second = tmp_path / "other.gguf"               # a second model file (llama.cpp ignores trailing bytes)
+    shutil.copyfile(tiny_gguf, second)
+    with open(second, "ab") as fh:
+        fh.write(b"\0" * 64)
 
     real = fr.validate_models
     calls = []
@@ -439,15 +448,17 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
         got = real(bundle, models, facts, cfg)
         first = not calls
         calls.append(bundle)
-        status = "weak" if first or not second_wins else "ok"
+        status = "weak" if first else "ok" if second_wins else "collapse"
         alpha = 1.0 if first else 2.0
-        return {n: {**v, "status": status, "alpha": alpha} for n, v in got.items()}
+        return {n: {**v, "status": status, "alpha": alpha if n == str(tiny_gguf) or not per_model else alpha / 2}
+                for n, v in got.items()}
 
     monkeypatch.setattr(fr, "validate_models", validate)
     facts = write(tmp_path, [GOLD, HAMLET])
     out = tmp_path / "filter"
     rep = fr.run_forget(facts, out, fr.ForgetConfig(template=str(tiny_gguf), steps=1, alphas=(1.0, 2.0),
-                                                    probes=False))
+                                                    probes=False, check_models=(str(second),),
+                                                    alpha_per_model=per_model))
     assert len(calls) == 2 and calls[1] != calls[0]
     assert [c["prose_retain"] for c in rep["candidates"]] == [False, True]
     assert [c["chosen"] for c in rep["candidates"]] == [not second_wins, second_wins]
@@ -458,5 +469,13 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
     bundle = load_bundle(out / "bundle")
     want = 2.0 if second_wins else 1.0
     assert rep["alpha"] == bundle.default_alpha == want
-    assert bundle.alpha_for(model_digest(tiny_gguf))[0] == want
+    # the other model: measured at every strength only when it gets its own
+    measured = set(rep["model_validation"][str(second)]["measured"])
+    assert measured == {"0.0", "1.0", "2.0"} if per_model else (len(measured) == 2 and "0.0" in measured)
+    if per_model:
+        assert bundle.alpha_for(model_digest(tiny_gguf)) == (want, "chosen for this model")
+        assert bundle.alpha_for(model_digest(second)) == (want / 2, "chosen for this model")
+        assert [m["alpha"] for m in rep["models"]] == [want, want / 2]
+    else:
+        assert "model_alphas" not in bundle.manifest and [m["alpha"] for m in rep["models"]] == [want, want]
     assert "trained twice" in rep["table"]

@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict:
              f"{format_bar(rows)}")
     result = {"config": jsonable(asdict(cfg)), "facts": str(cfg.facts),
               "models": rows, "forget_verdict": report["verdict"], "warnings": report["warnings"],
-              "alpha": report["alpha"],
+              "alpha": report["alpha"], "alphas": {m["model"]: m["alpha"] for m in report["models"]},
               "table": table, "bundle": report["bundle"], "report": str(run_dir / "filter" / "report.json"),
               "timings": {**{f"{k}_s": v for k, v in report["timings"].items() if k != "total"},
                           "total_s": report["timings"]["total"]},

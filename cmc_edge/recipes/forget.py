@@ -68,12 +68,17 @@ class ForgetConfig:
     # checked on people (runs/floor-exp: damage -> ~0, forgetting unchanged) and the four-set bar.
     shift_floor: float = 0.3
     # The template's broad answers held once more as plain prose ({"text": ...} retain records).
-    # None (auto): trained without them; when validation on any checked model finds the filter
-    # short of the bar ("weak") or unsafe at every strength ("collapse"), a second filter is trained
-    # with them and the one that validates better ships. On science (seed 1) they took validation
+    # None (auto): trained without them; when validation on the template finds the filter short of
+    # the bar ("weak") or unsafe at every strength ("collapse"), a second filter is trained with them
+    # and ships if it validates better there and is safe on every checked model (adopt_second). On science (seed 1) they took validation
     # perplexity at alpha 1 from +4.0% to +0.25% and the filter from FAIL to PASS; always on, three
     # Gemma 3 rows of the four-set bar at seed 0 lost kept facts (BENCHMARKS.md). True: always; False: never.
     prose_retain: bool | None = None
+    # Each checked model's own strength, chosen on validation on that model and recorded in the
+    # bundle for its file. Off by default: on people (seed 1) it took Gemma 3 from alpha 1 (PASS)
+    # to 0.5, where it made up more answers than the blocklist (FAIL). Off, every checked model is
+    # validated at the template's strength, which ranks the candidates and warns on damage.
+    alpha_per_model: bool = False
     answer_tokens: int = 32
     check_tokens: int = 24
     probes: bool = True
@@ -468,24 +473,25 @@ def measure_validation(engine, facts: list[Fact], cfg: ForgetConfig) -> tuple[di
 
 
 def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: ForgetConfig) -> dict[str, dict]:
-    """:func:`measure_validation` and :func:`choose_alpha` on each model (the template first): each
-    model's own strength, since one strength for every LLM is what fails (Gemma 3 forgets fully at
-    alpha 0.5 where SmolLM2 needs 1, and loses kept facts at 1). ``{name: {alpha, status, reasons,
-    measured, rows}}``; a model that knows none of the forgotten answers gets the template's
-    strength where that is safe on it."""
+    """:func:`measure_validation` and :func:`choose_alpha` on each model (the template first).
+    ``{name: {alpha, status, reasons, measured, rows}}``. The other models are measured at the
+    template's strength ("collapse" where it is unsafe there), or, with ``cfg.alpha_per_model``,
+    at every strength for a choice of their own (a model that knows none of the forgotten answers
+    then gets the template's strength where that is safe on it)."""
     from cmc_edge.models import resolve_model
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.runtime.target import TargetLLM
 
     out = {}
     for name in models:
+        fallback = next(iter(out.values()))["alpha"] if out else None
+        one = fallback is not None and not cfg.alpha_per_model
         target = TargetLLM(resolve_model(name), n_ctx=1024, n_threads=2)
         engine = Engine(target, [Delta(bundle, target)])
         try:
-            measured, rows = measure_validation(engine, facts, cfg)
+            measured, rows = measure_validation(engine, facts, replace(cfg, alphas=(fallback,)) if one else cfg)
         finally:
             engine.close()
-        fallback = next(iter(out.values()))["alpha"] if out else None
         alpha, status, reasons = choose_alpha(measured, fallback=fallback)
         log.info("%s: alpha %g chosen on validation (%s); %s", name, alpha, status,
                  "; ".join(f"{a:g}: forget {100 * m['forget']:.0f}%, general {100 * m['general']:.0f}%, "
@@ -494,14 +500,24 @@ def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: For
     return out
 
 
-def _candidate_rank(c: dict) -> tuple:
-    """Lower is better: fewer models where no strength is safe, then fewer short of the bar, then the
-    weakest forgetting (validation, at each model's strength) the strongest."""
-    val = c["validation"].values()
-    drops = [1 - v["measured"][v["alpha"]]["forget"] / v["measured"][0.0]["forget"]
-             for v in val if v["measured"][0.0]["forget"]]
-    status = [v["status"] for v in val]
-    return status.count("collapse"), status.count("weak"), -min(drops, default=0.0)
+_STATUS_ORDER = {"ok": 0, "unmeasured": 0, "weak": 1, "collapse": 2}
+
+
+def _template_rank(c: dict, template: str) -> tuple:
+    """Lower is better: the candidate's status on the template, then its forgetting there."""
+    v = c["validation"][template]
+    base = v["measured"][0.0]["forget"]
+    drop = 1 - v["measured"][v["alpha"]]["forget"] / base if base else 0.0
+    return _STATUS_ORDER[v["status"]], -drop
+
+
+def adopt_second(first: dict, second: dict, template: str) -> bool:
+    """Whether the filter trained again (with prose) replaces the first: it must validate better on
+    the template and be safe at its strength on every checked model. The retry is a remedy for the
+    template's shortfall and must not bring damage elsewhere (on science at seed 0 the prose filter
+    validated "ok" on SmolLM2 but lost Gemma 3 kept facts: BENCHMARKS.md, forget-bar-13)."""
+    return (_template_rank(second, template) < _template_rank(first, template)
+            and all(v["status"] != "collapse" for v in second["validation"].values()))
 
 
 def _keep_candidate(run: Path, tried: list[dict], best: dict) -> None:
@@ -832,13 +848,13 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
 
         first = candidate(run, bool(cfg.prose_retain), "")
         tried = [first]
-        if cfg.prose_retain is None and any(v["status"] in ("weak", "collapse") for v in first["validation"].values()):
-            log.warning("the filter validates %s; training a second one that is also held silent on plain prose "
-                        "(--prose-retain), to keep whichever validates better",
-                        ", ".join(f"{v['status']} on {n}" for n, v in first["validation"].items()))
+        if cfg.prose_retain is None and first["validation"][cfg.template]["status"] in ("weak", "collapse"):
+            log.warning("the filter validates %s on %s; training a second one that is also held silent on plain "
+                        "prose (--prose-retain), to ship it if it validates better there and is safe on every "
+                        "checked model", first["validation"][cfg.template]["status"], cfg.template)
             tried.append(candidate(run / "prose-retain", True, " (with prose)"))
         del tpl
-        best = min(tried, key=_candidate_rank)          # ties: the first, the recipe's tested default
+        best = tried[1] if len(tried) > 1 and adopt_second(tried[0], tried[1], cfg.template) else first
         for c in tried:
             c["chosen"] = c is best
         if len(tried) > 1:
@@ -847,9 +863,10 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
         alpha, status, reasons = val[cfg.template]["alpha"], val[cfg.template]["status"], val[cfg.template]["reasons"]
         set_default_alpha(bundle, alpha, reason=f"chosen on the forget recipe's validation split on {cfg.template} "
                                                 f"({status}); other models without their own alpha run at it")
-        for name, v in val.items():
-            set_model_alpha(bundle, resolve_model(name), v["alpha"],
-                            reason=f"chosen on the forget recipe's validation split on {name} ({v['status']})")
+        if cfg.alpha_per_model:
+            for name, v in val.items():
+                set_model_alpha(bundle, resolve_model(name), v["alpha"],
+                                reason=f"chosen on the forget recipe's validation split on {name} ({v['status']})")
         with sw("check"):
             leads = stats["lead_ins"]
             items = test_items(facts, leads, cfg.probes)
