@@ -450,8 +450,11 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
         calls.append(bundle)
         status = "weak" if first else "ok" if second_wins else "collapse"
         alpha = 1.0 if first else 2.0
-        return {n: {**v, "status": status, "alpha": alpha if n == str(tiny_gguf) or not per_model else alpha / 2}
-                for n, v in got.items()}
+        out = {n: {**v, "status": status, "alpha": alpha if n == str(tiny_gguf) or not per_model else alpha / 2}
+               for n, v in got.items()}
+        if first and not second_wins:          # the first ships: unsafe on the other model, which is reported
+            out[str(second)]["status"] = "collapse"
+        return out
 
     monkeypatch.setattr(fr, "validate_models", validate)
     facts = write(tmp_path, [GOLD, HAMLET])
@@ -479,3 +482,6 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
     else:
         assert "model_alphas" not in bundle.manifest and [m["alpha"] for m in rep["models"]] == [want, want]
     assert "trained twice" in rep["table"]
+    unsafe = [w for w in rep["warnings"] if "safe on the validation split" in w]
+    assert len(unsafe) == (0 if second_wins else 1)
+    assert all(str(second) in w and "do not ship" not in w for w in unsafe)
