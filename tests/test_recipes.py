@@ -101,6 +101,8 @@ def test_demo_is_the_forget_recipe_on_the_capital_facts(tiny_recipe, tmp_path, c
         assert row["bar"]["retain_points"]["value"] == pytest.approx(100 * (f["keep"] - a["keep"]))
         assert row["bar"]["ppl_rise"]["value"] == pytest.approx(f["ppl"] / a["ppl"] - 1)
     assert report["table"] in res["table"] and "The demo's bar" in res["table"]
+    # the strength each model ran at, as the recipe's report has it
+    assert res["alphas"] == {m["model"]: m["alpha"] for m in report["models"]} and len(res["alphas"]) == 2
 
 
 @pytest.mark.parametrize("alone, filt, passes", [
