@@ -494,7 +494,7 @@ def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: For
         finally:
             engine.close()
         alpha, status, reasons = choose_alpha(measured, fallback=fallback)
-        log.info("%s: alpha %g chosen on validation (%s); %s", name, alpha, status,
+        log.info("%s: alpha %g on validation (%s); %s", name, alpha, status,
                  "; ".join(f"{a:g}: forget {100 * m['forget']:.0f}%, general {100 * m['general']:.0f}%, "
                            f"ppl {m['ppl']:.2f}" for a, m in measured.items()))
         out[name] = {"alpha": alpha, "status": status, "reasons": reasons, "measured": measured, "rows": rows}
