@@ -1,5 +1,5 @@
 """What would validation choose if it ran another LLM? The recipe's own validation
-(:func:`cmc_edge.recipes.forget.measure_validation`, then ``choose_alpha``) on a finished
+(:func:`cmc_edge.recipes.forget.validate_models`) on a finished
 `cmc-edge forget` run's bundle, decoded on MODEL; no training.
 
     python bench/forget_valcheck.py gemma3 runs/forget-bar-13/companies runs/forget-bar-13/people
@@ -8,21 +8,16 @@ import json
 import sys
 from pathlib import Path
 
-from cmc_edge.models import resolve_model
 from cmc_edge.recipes import forget as fr
 from cmc_edge.recipes.facts import read_facts
-from cmc_edge.runtime.engine import Delta, Engine
-from cmc_edge.runtime.target import TargetLLM
 
 model = sys.argv[1]
 out = {}
 for d in map(Path, sys.argv[2:]):
     facts = read_facts(d / "facts.jsonl")
-    t = TargetLLM(resolve_model(model), n_ctx=1024, n_threads=2)
-    e = Engine(t, [Delta(d / "bundle", t)])
-    measured, _ = fr.measure_validation(e, facts, fr.ForgetConfig())
-    e.close()
-    choice = fr.choose_alpha(measured)
+    # One model: validated as the template is, at every strength, for a choice of its own.
+    v = fr.validate_models(d / "bundle", [model], facts, fr.ForgetConfig())[model]
+    measured, choice = v["measured"], (v["alpha"], v["status"], v["reasons"])
     out[d.name] = {"measured": measured, "choice": choice}
     print(d.name, model, choice, {a: {k: round(m[k], 3) for k in ("forget", "keep", "kin", "general", "ppl") if k in m}
                                   for a, m in measured.items()}, flush=True)

@@ -66,7 +66,7 @@ _DIGESTS: dict[tuple, str] = {}
 def model_digest(path: str | os.PathLike) -> str:
     """The SHA-256 of a model file: what a bundle's per-model strengths are keyed by. Hashed once per
     process for each (path, size, mtime), so a file replaced in place is hashed again."""
-    import hashlib
+    from cmc_edge.artifacts import sha256_file
 
     p = Path(path).resolve()
     try:
@@ -75,6 +75,5 @@ def model_digest(path: str | os.PathLike) -> str:
         raise InputError(f"model {p} not found ({exc})", fix="give the path to a .gguf file") from exc
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        with open(p, "rb") as fh:
-            _DIGESTS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+        _DIGESTS[key] = sha256_file(p)
     return _DIGESTS[key]

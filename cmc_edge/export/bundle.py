@@ -177,29 +177,30 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, int8: bool
     return out_dir
 
 
-def set_default_alpha(bundle_dir: str | Path, alpha: float, *, reason: str) -> None:
-    """Record the strength a recipe chose for this bundle (``default_alpha``, and why) in its manifest."""
+def _positive_alpha(alpha, what: str) -> float:
     import math
 
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise InputError(f"a bundle's default alpha must be a positive finite number, got {alpha!r}",
-                         fix="pass e.g. 1.0")
-    _set_manifest(bundle_dir, default_alpha=float(alpha), default_alpha_reason=reason)
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        raise InputError(f"{what} must be a positive finite number, got {alpha!r}", fix="pass e.g. 1.0")
+    return float(alpha)
+
+
+def set_default_alpha(bundle_dir: str | Path, alpha: float, *, reason: str) -> None:
+    """Record the strength a recipe chose for this bundle (``default_alpha``, and why) in its manifest."""
+    _set_manifest(bundle_dir, default_alpha=_positive_alpha(alpha, "a bundle's default alpha"),
+                  default_alpha_reason=reason)
 
 
 def set_model_alpha(bundle_dir: str | Path, model_path: str | Path, alpha: float, *, reason: str) -> None:
     """Record the strength a recipe chose for one model (``model_alphas``, keyed by the model file's
     SHA-256, with its name and why). The runtime runs the bundle at it on that exact file and at
     ``default_alpha`` on every other model."""
-    import math
-
     from cmc_edge.models import model_digest
 
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
-        raise InputError(f"a model's alpha must be a positive finite number, got {alpha!r}", fix="pass e.g. 1.0")
+    alpha = _positive_alpha(alpha, "a model's alpha")
     manifest = read_json(Path(bundle_dir) / MANIFEST, "bundle manifest")
     chosen = dict(manifest.get("model_alphas") or {})
-    chosen[model_digest(model_path)] = {"alpha": float(alpha), "model": Path(model_path).name, "reason": reason}
+    chosen[model_digest(model_path)] = {"alpha": alpha, "model": Path(model_path).name, "reason": reason}
     _set_manifest(bundle_dir, model_alphas=chosen)
 
 
