@@ -77,6 +77,28 @@ def test_seed_makes_runs_repeatable(template, tmp_path):
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
+def test_template_log_probs_kept_across_trainings_give_the_same_weights(template, tmp_path):
+    """A later training with the same template takes the log-probs of the examples it shares with
+    an earlier one from the kept dict (only new examples are run) and learns exactly what it would
+    have learnt computing them itself (up to rounding)."""
+    from safetensors.torch import load_file
+
+    known = {}
+    enc = lambda recs, role: encode_records(recs, template.tokenizer, template.prompt_format, role, 128)  # noqa: E731
+    cfg = TrainConfig(objective="unlearn-idk", size="tiny", steps=4, batch_size=4)
+    train(template, {"forget": enc(FORGET[:2], "forget"), "retain": enc(RETAIN, "retain")}, cfg,
+          tmp_path / "first", progress=False, template_cache=known)
+    assert len(known) == 2 + len(RETAIN)
+    earlier = dict(known)
+    data = {"forget": enc(FORGET, "forget"), "retain": enc(RETAIN, "retain")}
+    kept = train(template, data, cfg, tmp_path / "kept", progress=False, template_cache=known)
+    assert len(known) == len(FORGET) + len(RETAIN) and all(known[k] is v for k, v in earlier.items())
+    fresh = train(template, data, cfg, tmp_path / "fresh", progress=False)
+    a, b = load_file(kept / "model.safetensors"), load_file(fresh / "model.safetensors")
+    # the same up to float rounding (the examples met other chunk shapes): 5e-8 here, weights ~1
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
 @pytest.mark.parametrize("objective", ["unlearn-idk", "unlearn-gd"])
 def test_unlearning_objectives_move_the_right_way(template, tmp_path, objective):
     _, log = _train(template, tmp_path, objective, objective, steps=20, lr=5e-3)
@@ -623,3 +645,31 @@ def test_greedy_answers_in_a_padded_batch_are_the_answers_one_at_a_time(template
             first = int(template.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
         want = "" if first == tok.eos_token_id else tok.decode([first], skip_special_tokens=True)
         assert greedy_answers(template, [p, "Hi"], 1, batch_size=2)[0] == want
+
+
+def test_a_prefix_every_record_shares_is_run_once_with_the_same_log_probs(template):
+    """The chat format's system turn (and here a shared instruction) is the same in every record:
+    its keys and values are computed once and reused by every chunk, and the log-probs are those
+    of the full forward pass."""
+    from cmc_edge.train.loop import _shared_prefix
+
+    lead = "Answer in one short sentence, please, and do not add anything else to it. "
+    pairs = [(lead + q, a) for q, a in [("Hi?", "Yes."), ("Why is the sky blue?", "Light scatters."),
+                                        ("Cats?", "Cats purr."), ("Name a sea.", "The North Sea.")]]
+    ex = encode_records(records(pairs), template.tokenizer, template.prompt_format, "retain", 128)
+    n, _ = _shared_prefix(template.model, ex)
+    assert n >= len(template.tokenizer(lead)["input_ids"]) and all(n < len(e.prompt_ids) for e in ex)
+    seen = []
+    hook = template.model.model.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+    try:
+        together = template_logprobs(template.model, ex, 0, chunk=2)
+    finally:
+        hook.remove()
+    by_len = sorted(len(e.ids) - n for e in ex)
+    assert seen == [n, 2 * by_len[1], 2 * by_len[3]]                # the prefix once, then each chunk's rest
+    for e, got in zip(ex, together):
+        alone = template.model(input_ids=torch.tensor([e.ids])).logits[0].float()
+        p = len(e.prompt_ids)
+        want = torch.log_softmax(alone[p - 1:p - 1 + len(e.response_ids)], -1)
+        assert torch.allclose(got.float(), want, atol=2e-2)

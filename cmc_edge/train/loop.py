@@ -140,35 +140,98 @@ def _pad_batch(examples, pad_id: int):
     return ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
 
 
-def _logits_at(model, ids, mask, rows, cols):
-    """The template's logits at positions (rows, cols) only: the body runs on the whole batch, the
-    output layer (a quarter of SmolLM2's work per token, and a (B, L, V) buffer) only where a loss
-    reads it. Models without a separate decoder and head get the full forward, then the rows."""
+def _split(model):
+    """(body, head) of a causal LM with a separate decoder and output layer, else None."""
     import torch
 
     body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+    if isinstance(body, torch.nn.Module) and isinstance(head, torch.nn.Module):
+        return body, head
+    return None
+
+
+def _logits_at(model, ids, mask, rows, cols, prefix=None):
+    """The template's logits at positions (rows, cols) only: the body runs on the whole batch, the
+    output layer (a quarter of SmolLM2's work per token, and a (B, L, V) buffer) only where a loss
+    reads it. Models without a separate decoder and head get the full forward, then the rows.
+
+    ``prefix``: (P, cache) from :func:`_shared_prefix`, the body's keys and values for the first P
+    tokens, which every row of ``ids`` begins with: only the rest is run (columns shift by P)."""
+    import copy
+
+    import torch
+
+    parts = _split(model)
+    if parts is None:
         return model(input_ids=ids, attention_mask=mask).logits[rows, cols]
-    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    body, head = parts
+    if prefix is None:
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    else:
+        n, cache = prefix
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(ids.shape[0])
+        hidden = body(input_ids=ids[:, n:], attention_mask=mask, use_cache=True,
+                      **{_cache_kwarg(body): past}).last_hidden_state
+        cols = cols - n
     logits = head(hidden[rows, cols])
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def _cache_kwarg(body) -> str:
+    """The name the decoder's forward takes its KV cache by (transformers 5.x renames it)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+# Below this many shared tokens the prefix is run with every chunk (copying its cache costs more).
+_MIN_SHARED_PREFIX = 8
+
+
+def _shared_prefix(model, examples):
+    """(P, cache) for the longest token prefix every example's prompt begins with (the chat format's
+    system turn: 24 of SmolLM2's 64 tokens per forget-recipe record), leaving each example at least
+    one prompt token so its first response position stays in the part that is run; None when the
+    prefix is shorter than ``_MIN_SHARED_PREFIX`` or the model has no separate decoder.
+    The prefix's keys and values are computed once, not once per chunk: about 30% of the template's
+    work on the forget recipe's records (BENCHMARKS.md)."""
+    import os
+
+    import torch
+    from transformers import DynamicCache
+
+    parts = _split(model)
+    if parts is None or not examples:
+        return None
+    n = min(len(os.path.commonprefix([list(e.prompt_ids) for e in examples])),
+            min(len(e.prompt_ids) for e in examples) - 1)
+    if n < _MIN_SHARED_PREFIX:
+        return None
+    body = parts[0]
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([list(examples[0].prompt_ids[:n])], device=model.device)
+    body(input_ids=ids, use_cache=True, **{_cache_kwarg(body): cache})
+    return n, cache
+
+
 def template_logprobs(model, examples, pad_id: int, chunk: int = 8):
     """log_softmax(template) at each example's response-predicting positions: list of (R_i, V) float16,
-    in the order of ``examples``. Chunks are formed by length (less padding), results put back in order."""
+    in the order of ``examples``. Chunks are formed by length (less padding), results put back in
+    order; a prefix all examples share is run once (:func:`_shared_prefix`)."""
     import torch
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     got = {}
     with torch.no_grad():
+        prefix = _shared_prefix(model, examples)
         for s in range(0, len(order), chunk):
             idx = order[s : s + chunk]
             batch = [examples[i] for i in idx]
             ids, mask, rows, cols, _ = _pad_batch(batch, pad_id)
             dev = model.device
-            logits = _logits_at(model, ids.to(dev), mask.to(dev), rows.to(dev), cols.to(dev))
+            logits = _logits_at(model, ids.to(dev), mask.to(dev), rows.to(dev), cols.to(dev), prefix)
             lp = torch.log_softmax(logits.float(), dim=-1)                       # (N, V)
             sizes = [len(e.response_ids) for e in batch]
             got.update(zip(idx, (t.to(torch.float16).cpu() for t in lp.split(sizes))))
@@ -369,16 +432,31 @@ def _end_of_turn_ids(template) -> list[int]:
                    if isinstance(i, int) and i != tok.unk_token_id})
 
 
-def _template_cache(template, data: dict, roles, pad_id: int) -> tuple[dict, dict]:
+def _template_cache(template, data: dict, roles, pad_id: int, known: dict | None = None) -> tuple[dict, dict]:
     """Template log-probs of every example ({role: [(R, V)]}) and of every sft example's teacher
-    text ({index in data["sft"]: (R_teacher, V)}), computed once (float16)."""
+    text ({index in data["sft"]: (R_teacher, V)}), computed once (float16).
+
+    ``known``: log-probs by example (prompt and response ids), kept by the caller across trainings
+    with the same template: only examples not in it are run, and they are added to it. The forget
+    recipe's second filter reuses the first's this way (the same records plus prose)."""
     t0 = time.perf_counter()
-    cache = {r: template_logprobs(template.model, data[r], pad_id) for r in roles}
+    known = {} if known is None else known
+    todo = list({_example_key(e): e for r in roles for e in data[r] if _example_key(e) not in known}.values())
+    if todo:
+        known.update(zip(map(_example_key, todo), template_logprobs(template.model, todo, pad_id)))
+    cache = {r: [known[_example_key(e)] for e in data[r]] for r in roles}
     taught = [i for i, e in enumerate(data.get("sft", ())) if e.teacher_ids]
     tcache = dict(zip(taught, template_logprobs(template.model, [_teacher_example(data["sft"][i]) for i in taught],
-                                                 pad_id)))
-    log.info("cached template log-probs in %.1fs", time.perf_counter() - t0)
+                                                 pad_id))) if taught else {}
+    n = sum(len(data[r]) for r in roles)
+    log.info("cached template log-probs in %.1fs (%d of %d examples run, the rest known)",
+             time.perf_counter() - t0, len(todo), n)
     return cache, tcache
+
+
+def _example_key(e) -> tuple:
+    """What an example's template log-probs depend on: its prompt and response tokens."""
+    return tuple(e.prompt_ids), tuple(e.response_ids)
 
 
 def _optimizer(delta, cfg: TrainConfig):
@@ -410,14 +488,15 @@ def _write_checkpoint(out_dir: Path, delta, tokenizer, meta: dict, loss_log: lis
 
 
 def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
-          overwrite: bool = False, resume: bool = False, on_step=None) -> Path:
+          overwrite: bool = False, resume: bool = False, on_step=None, template_cache: dict | None = None) -> Path:
     """Train a delta beside ``template`` on ``data`` ({"sft"|"forget"|"retain": [Example]}) and
     write an HF checkpoint (config.json, model.safetensors, tokenizer, cmc.json, loss_log.json).
 
     Every ``cfg.save_every`` steps the resume state goes (atomically) to ``<out>.resume/``; with
     ``resume`` a run continues from it and ends with the same weights as an uninterrupted run.
     SIGINT/SIGTERM save the state and raise :class:`TrainingInterrupted`. ``on_step(step, record)``
-    is called after every step (progress hooks, tests).
+    is called after every step (progress hooks, tests). ``template_cache``: a dict the caller keeps
+    to reuse the template's log-probs in a later training with the same template (it is filled here).
 
     Under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1) the same call trains with
     DistributedDataParallel (gloo on CPU, nccl on CUDA, ``cuda:LOCAL_RANK``): every rank draws its
@@ -461,7 +540,8 @@ def train(template, data: dict, cfg: TrainConfig, out_dir: str | Path, *, progre
     eot_ids = end_ids if cfg.delta_ends_turn else []
     on_cpu = str(cfg.device).startswith("cpu")
     with kept_heap() if on_cpu else contextlib.nullcontext():
-        cache, tcache = _template_cache(template, data, roles, pad_id) if cfg.cache_template else ({}, {})
+        cache, tcache = (_template_cache(template, data, roles, pad_id, template_cache) if cfg.cache_template
+                         else ({}, {}))
     opt, sched = _optimizer(delta, cfg)
     # Each step draws from every role present: half forget / half retain for unlearning.
     share = {r: max(1, cfg.batch_size // len(roles)) for r in roles}
