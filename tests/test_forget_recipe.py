@@ -430,8 +430,13 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
     records; the one that validates better ships at the top of the run directory (its records,
     its bundle, its alpha), the other's records go to ``rejected/`` without weights. A checked
     model is validated at the template's strength only, or, with ``alpha_per_model``, at every
-    strength, and its own choice is recorded in the bundle for its file."""
+    strength, and its own choice is recorded in the bundle for its file. The second training runs
+    the template only on records the first did not have, and the second validation takes each
+    model's answers alone from the first."""
     import shutil
+
+    import cmc_edge.recipes.scaffold as scaffold
+    import cmc_edge.train.loop as loop
 
     from cmc_edge.models import model_digest
     from cmc_edge.runtime.bundle import load_bundle
@@ -444,8 +449,11 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
     real = fr.validate_models
     calls = []
 
-    def validate(bundle, models, facts, cfg):
-        got = real(bundle, models, facts, cfg)
+    def validate(bundle, models, facts, cfg, earlier=None):
+        assert (earlier is None) == (not calls)
+        got = real(bundle, models, facts, cfg, earlier)
+        if earlier:
+            assert all(got[n]["rows"][0.0] is earlier[n]["rows"][0.0] for n in got)
         first = not calls
         calls.append(bundle)
         status = "weak" if first else "ok" if second_wins else "collapse"
@@ -456,13 +464,33 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
             out[str(second)]["status"] = "collapse"
         return out
 
+    run_template, strengths = [], []
+    real_lp, real_answer_at = loop.template_logprobs, scaffold.answer_at
+
+    def template_logprobs(model, examples, *a, **kw):
+        run_template.append(len(examples))
+        return real_lp(model, examples, *a, **kw)
+
+    def answer_at(engine, prompts, settings, **kw):
+        strengths.append([a for s in settings for a in s])
+        return real_answer_at(engine, prompts, settings, **kw)
+
     monkeypatch.setattr(fr, "validate_models", validate)
+    monkeypatch.setattr(loop, "template_logprobs", template_logprobs)
+    monkeypatch.setattr(scaffold, "answer_at", answer_at)
     facts = write(tmp_path, [GOLD, HAMLET])
     out = tmp_path / "filter"
     rep = fr.run_forget(facts, out, fr.ForgetConfig(template=str(tiny_gguf), steps=1, alphas=(1.0, 2.0),
                                                     probes=False, check_models=(str(second),),
                                                     alpha_per_model=per_model))
     assert len(calls) == 2 and calls[1] != calls[0]
+    # records: the first training ran them all through the template; the second only the prose ones
+    first_dir, second_dir = (out / "rejected", out) if second_wins else (out, out / "rejected")
+    n_first = sum(len((first_dir / f"{r}.jsonl").read_text().splitlines()) for r in ("forget", "retain"))
+    n_prose = sum('"text"' in line for line in (second_dir / "retain.jsonl").read_text().splitlines())
+    assert run_template == [n_first, n_prose] and n_prose > 0
+    # validation: alpha 0 (each model alone) is answered for the first filter only
+    assert [0.0 in s for s in strengths[:4]] == [True, True, False, False]   # then the test check
     assert [c["prose_retain"] for c in rep["candidates"]] == [False, True]
     assert [c["chosen"] for c in rep["candidates"]] == [not second_wins, second_wins]
     top = [json.loads(line) for line in (out / "retain.jsonl").read_text().splitlines()]

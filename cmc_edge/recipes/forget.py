@@ -451,34 +451,40 @@ def _drift(rows: list[dict], base_rows: list[dict]) -> float:
     return sum(r["output"].split()[:12] != b["output"].split()[:12] for r, b in pairs) / len(pairs)
 
 
-def measure_validation(engine, facts: list[Fact], cfg: ForgetConfig) -> tuple[dict, dict]:
+def measure_validation(engine, facts: list[Fact], cfg: ForgetConfig, alone: tuple[dict, list] | None = None
+                       ) -> tuple[dict, dict]:
     """The validation split answered and scored on ``engine`` (its one delta at alpha 0 and at each
     of ``cfg.alphas``): ``({alpha: summary with drift and ppl}, {alpha: scored rows})``, what
-    :func:`choose_alpha` reads."""
+    :func:`choose_alpha` reads. ``alone``: the (summary, rows) this engine's model gave at alpha 0
+    in an earlier measurement (without the delta, so the same for every filter): not answered again."""
     from cmc_edge.eval.runner import perplexity
     from cmc_edge.recipes.scaffold import answer_at
 
     vitems = validation_items(facts)
     vtext = "\n\n".join(fd.VALIDATION_PROSE)
     measured, vrows = {}, {}
-    strengths = (0.0, *sorted(cfg.alphas))
+    strengths = (*(() if alone else (0.0,)), *sorted(cfg.alphas))
     every = answer_at(engine, [it["prompt"] for it in vitems], [[a] for a in strengths],
                       max_tokens=cfg.check_tokens, side_by_side=cfg.side_by_side,
                       desc="validation at " + ", ".join(f"{a:g}" for a in strengths))
+    if alone:
+        measured[0.0], vrows[0.0] = dict(alone[0]), alone[1]
     for a, got in zip(strengths, every):
         vrows[a] = score(vitems, got)
         measured[a] = summarize([r for r in vrows[a] if r["split"] != "broad"])
         measured[a]["drift"] = _drift(vrows[a], vrows[0.0])
         measured[a]["ppl"] = perplexity(engine, vtext, alphas=[a])
-    return measured, vrows
+    return dict(sorted(measured.items())), dict(sorted(vrows.items()))
 
 
-def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: ForgetConfig) -> dict[str, dict]:
+def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: ForgetConfig,
+                    earlier: dict[str, dict] | None = None) -> dict[str, dict]:
     """:func:`measure_validation` and :func:`choose_alpha` on each model (the template first).
     ``{name: {alpha, status, reasons, measured, rows}}``. The other models are measured at the
     template's strength ("collapse" where it is unsafe there), or, with ``cfg.alpha_per_model``,
     at every strength for a choice of their own (a model that knows none of the forgotten answers
-    then gets the template's strength where that is safe on it)."""
+    then gets the template's strength where that is safe on it). ``earlier``: this function's result
+    for another filter on the same facts; each model's answers alone (alpha 0) are taken from it."""
     from cmc_edge.models import resolve_model
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.runtime.target import TargetLLM
@@ -487,10 +493,12 @@ def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: For
     for name in models:
         fallback = next(iter(out.values()))["alpha"] if out else None
         one = fallback is not None and not cfg.alpha_per_model
+        before = (earlier or {}).get(name)
+        alone = (before["measured"][0.0], before["rows"][0.0]) if before else None
         target = TargetLLM(resolve_model(name), n_ctx=1024, n_threads=2)
         engine = Engine(target, [Delta(bundle, target)])
         try:
-            measured, rows = measure_validation(engine, facts, replace(cfg, alphas=(fallback,)) if one else cfg)
+            measured, rows = measure_validation(engine, facts, replace(cfg, alphas=(fallback,)) if one else cfg, alone)
         finally:
             engine.close()
         alpha, status, reasons = choose_alpha(measured, fallback=fallback)
@@ -828,7 +836,9 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                            kl_weight=cfg.kl_weight, avoid_margin=cfg.avoid_margin, retain_l2=cfg.retain_l2,
                            size=cfg.size, seed=cfg.seed, **cfg.train_overrides)
 
-        def candidate(cdir: Path, prose: bool, tag: str) -> dict:
+        known = {}      # the template's log-probs by record: the second filter's training reuses the first's
+
+        def candidate(cdir: Path, prose: bool, tag: str, earlier: dict | None = None) -> dict:
             """Records, training, export and validation on every checked model for one filter."""
             cdir.mkdir(exist_ok=True)
             with sw("data"):
@@ -841,10 +851,10 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                      len(siblings), len(stats["lead_ins"]), sum(f.split == "forget" for f in facts),
                      len(facts) - len(trained))
             with sw("train_export"):
-                bundle = train_and_export(cdir, template_path, tcfg, template=tpl)
+                bundle = train_and_export(cdir, template_path, tcfg, template=tpl, template_cache=known)
                 set_shift_floor(bundle, cfg.shift_floor, reason="the forget recipe's default (--shift-floor)")
             with sw("validate"):
-                val = validate_models(bundle, check, facts, cfg)
+                val = validate_models(bundle, check, facts, cfg, earlier)
             return {"dir": cdir, "prose_retain": prose, "stats": stats, "validation": val}
 
         first = candidate(run, bool(cfg.prose_retain), "")
@@ -853,8 +863,8 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
             log.warning("the filter validates %s on %s; training a second one that is also held silent on plain "
                         "prose (--prose-retain), to ship it if it validates better there and is safe on every "
                         "checked model", first["validation"][cfg.template]["status"], cfg.template)
-            tried.append(candidate(run / "prose-retain", True, " (with prose)"))
-        del tpl
+            tried.append(candidate(run / "prose-retain", True, " (with prose)", first["validation"]))
+        del tpl, known
         best = tried[1] if len(tried) > 1 and adopt_second(tried[0], tried[1], cfg.template) else first
         for c in tried:
             c["chosen"] = c is best

@@ -174,9 +174,11 @@ def template_answers(model_path, prompts, max_tokens: int, side_by_side: int = 1
 
 
 def train_and_export(run_dir: Path, template_path, train_cfg, roles=("forget", "retain"), *,
-                     max_len: int = 256, progress: bool = True, template=None) -> Path:
+                     max_len: int = 256, progress: bool = True, template=None, template_cache: dict | None = None
+                     ) -> Path:
     """Train on ``run_dir/<role>.jsonl`` for each role with ``train_cfg`` (a TrainConfig) and export
-    the bundle to ``run_dir/bundle`` (``template``: the template already loaded from ``template_path``)."""
+    the bundle to ``run_dir/bundle`` (``template``: the template already loaded from ``template_path``;
+    ``template_cache``: its log-probs kept across trainings, :func:`cmc_edge.train.loop.train`)."""
     from cmc_edge.train.data import encode_records, read_jsonl
     from cmc_edge.train.loop import train
     from cmc_edge.train.template import load_template
@@ -184,7 +186,7 @@ def train_and_export(run_dir: Path, template_path, train_cfg, roles=("forget", "
     tpl = template if template is not None else load_template(template_path)
     data = {role: encode_records(read_jsonl(run_dir / f"{role}.jsonl"), tpl.tokenizer, tpl.prompt_format, role,
                                  max_len) for role in roles}
-    ckpt = train(tpl, data, train_cfg, run_dir / "checkpoint", progress=progress)
+    ckpt = train(tpl, data, train_cfg, run_dir / "checkpoint", progress=progress, template_cache=template_cache)
     del tpl, data
     gc.collect()
     return export_checked(ckpt, run_dir / "bundle")
