@@ -243,7 +243,7 @@ def _cand(template_status, drop=1.0, other="ok"):
                            "g": {"status": other, "alpha": 1.0, "measured": m}}}
 
 
-def test_the_filter_trained_again_ships_only_if_better_on_the_template_and_safe_everywhere():
+def test_the_filter_trained_again_ships_only_if_safer_or_better_on_the_template():
     weak = _cand("weak", drop=0.8)
     assert fr.adopt_second(weak, _cand("ok"), "t")
     assert fr.adopt_second(weak, _cand("weak", drop=0.85), "t")            # short of the bar, but closer
@@ -253,6 +253,11 @@ def test_the_filter_trained_again_ships_only_if_better_on_the_template_and_safe_
     assert not fr.adopt_second(weak, _cand("ok", other="collapse"), "t")
     # another model's shortfall alone is no reason to swap
     assert not fr.adopt_second(_cand("ok"), _cand("ok", other="weak"), "t")
+    # a filter unsafe on no model beats one unsafe on another checked model, even if it forgets less
+    assert fr.adopt_second(_cand("weak", drop=0.85, other="collapse"), _cand("weak", drop=0.8, other="weak"), "t")
+    assert not fr.adopt_second(_cand("weak", drop=0.8, other="weak"), _cand("ok", other="collapse"), "t")
+    # unsafe on some model either way: the better one on the template
+    assert fr.adopt_second(_cand("weak", other="collapse"), _cand("ok", other="collapse"), "t")
 
 
 def test_check_bar_compares_with_the_blocklist():
@@ -489,6 +494,10 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
     n_first = sum(len((first_dir / f"{r}.jsonl").read_text().splitlines()) for r in ("forget", "retain"))
     n_prose = sum('"text"' in line for line in (second_dir / "retain.jsonl").read_text().splitlines())
     assert run_template == [n_first, n_prose] and n_prose > 0
+    # the second filter continues the first: its weights, at most retry_steps (here --steps 1) steps
+    if second_wins:
+        tcfg = json.loads((out / "checkpoint" / "cmc.json").read_text())["train_config"]
+        assert tcfg["init_from"].endswith("checkpoint") and tcfg["steps"] == 1 and tcfg["lr"] == rep["config"]["lr"] / 2
     # validation: alpha 0 (each model alone) is answered for the first filter only
     assert [0.0 in s for s in strengths[:4]] == [True, True, False, False]   # then the test check
     assert [c["prose_retain"] for c in rep["candidates"]] == [False, True]

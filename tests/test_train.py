@@ -99,6 +99,27 @@ def test_template_log_probs_kept_across_trainings_give_the_same_weights(template
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
+def test_a_delta_can_start_from_an_earlier_checkpoint_of_the_same_shape(template, tmp_path):
+    """``init_from`` starts training from a checkpoint's weights (the forget recipe's retry), and
+    refuses one of another shape with an error that names the fix."""
+    from safetensors.torch import load_file
+
+    first, _ = _train(template, tmp_path, "first", "unlearn-idk", steps=4)
+    # a learning rate of ~0: the continuation ends where it started
+    still, _ = _train(template, tmp_path, "still", "unlearn-idk", steps=1, lr=1e-12, init_from=str(first))
+    fresh, _ = _train(template, tmp_path, "fresh", "unlearn-idk", steps=1, lr=1e-12)
+    a, b, c = (load_file(p / "model.safetensors") for p in (first, still, fresh))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    assert json.loads((still / "cmc.json").read_text())["train_config"]["init_from"] == str(first)
+    data = {"forget": encode_records(FORGET, template.tokenizer, template.prompt_format, "forget", 128),
+            "retain": encode_records(RETAIN, template.tokenizer, template.prompt_format, "retain", 128)}
+    with pytest.raises(InputError, match="another delta shape") as e:
+        train(template, data, TrainConfig(objective="unlearn-idk", size="15m", steps=1, init_from=str(first)),
+              tmp_path / "other", progress=False)
+    assert "--size" in e.value.fix
+
+
 @pytest.mark.parametrize("objective", ["unlearn-idk", "unlearn-gd"])
 def test_unlearning_objectives_move_the_right_way(template, tmp_path, objective):
     _, log = _train(template, tmp_path, objective, objective, steps=20, lr=5e-3)

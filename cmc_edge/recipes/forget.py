@@ -75,6 +75,10 @@ class ForgetConfig:
     # from FAIL to PASS; always on, three Gemma 3 rows of the four-set bar at seed 0 lost kept facts
     # (BENCHMARKS.md). True: always; False: never.
     prose_retain: bool | None = None
+    # The second filter continues the first (its weights, half the learning rate) for this many
+    # steps with the prose records added, instead of training from scratch: a retry then costs
+    # ~1 minute instead of ~2.5, which keeps sets that need it under 10 minutes (BENCHMARKS.md).
+    retry_steps: int = 50
     # Each checked model's own strength, chosen on validation on that model and recorded in the
     # bundle for its file. Off by default: on people (seed 1) it took Gemma 3 from alpha 1 (PASS)
     # to 0.5, where it made up more answers than the blocklist (FAIL). Off, every checked model is
@@ -101,6 +105,9 @@ class ForgetConfig:
                              fix="e.g. --shift-floor 0.3 (nats); 0 keeps every shift")
         if self.steps < 1:
             raise InputError("--steps must be >= 1", fix="pass a positive number of training steps")
+        if not (isinstance(self.retry_steps, int) and self.retry_steps >= 1):
+            raise InputError(f"retry_steps must be a whole number >= 1, got {self.retry_steps!r}",
+                             fix="e.g. retry_steps=50 (the second filter's training steps)")
         if not (isinstance(self.side_by_side, int) and self.side_by_side >= 1):
             raise InputError(f"--side-by-side must be a whole number >= 1, got {self.side_by_side!r}",
                              fix="e.g. --side-by-side 8 (1 answers one prompt at a time)")
@@ -512,21 +519,22 @@ def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: For
 _STATUS_ORDER = {"ok": 0, "unmeasured": 0, "weak": 1, "collapse": 2}
 
 
-def _template_rank(c: dict, template: str) -> tuple:
-    """Lower is better: the candidate's status on the template, then its forgetting there."""
+def _rank(c: dict, template: str) -> tuple:
+    """Lower is better: whether the candidate is unsafe ("collapse") on any checked model, then its
+    status on the template, then its forgetting there."""
     v = c["validation"][template]
     base = v["measured"][0.0]["forget"]
     drop = 1 - v["measured"][v["alpha"]]["forget"] / base if base else 0.0
-    return _STATUS_ORDER[v["status"]], -drop
+    unsafe = any(m["status"] == "collapse" for m in c["validation"].values())
+    return unsafe, _STATUS_ORDER[v["status"]], -drop
 
 
 def adopt_second(first: dict, second: dict, template: str) -> bool:
-    """Whether the filter trained again (with prose) replaces the first: it must validate better on
-    the template and be safe at its strength on every checked model. The retry is a remedy for the
-    template's shortfall and must not bring damage elsewhere (on science at seed 0 the prose filter
-    validated "ok" on SmolLM2 but lost Gemma 3 kept facts: BENCHMARKS.md, forget-bar-13)."""
-    return (_template_rank(second, template) < _template_rank(first, template)
-            and all(v["status"] != "collapse" for v in second["validation"].values()))
+    """Whether the filter trained again (with prose) replaces the first: one unsafe on no checked
+    model beats one unsafe on some (on science at seed 0 the prose filter validated "ok" on SmolLM2
+    but lost Gemma 3 kept facts: BENCHMARKS.md, forget-bar-13; in forget-bar-16 the first filter
+    did, and shipped); then the better status and forgetting on the template win. A tie keeps the first."""
+    return _rank(second, template) < _rank(first, template)
 
 
 def _keep_candidate(run: Path, tried: list[dict], best: dict) -> None:
@@ -837,6 +845,10 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                            size=cfg.size, seed=cfg.seed, **cfg.train_overrides)
 
         known = {}      # the template's log-probs by record: the second filter's training reuses the first's
+        # The second filter continues the first (ForgetConfig.retry_steps, never more than --steps).
+        retry = min(cfg.retry_steps, cfg.steps)
+        retry_cfg = replace(tcfg, steps=retry, lr=cfg.lr / 2, warmup=min(tcfg.warmup, retry),
+                            init_from=str(run / "checkpoint"))
 
         def candidate(cdir: Path, prose: bool, tag: str, earlier: dict | None = None) -> dict:
             """Records, training, export and validation on every checked model for one filter."""
@@ -851,7 +863,8 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
                      len(siblings), len(stats["lead_ins"]), sum(f.split == "forget" for f in facts),
                      len(facts) - len(trained))
             with sw("train_export"):
-                bundle = train_and_export(cdir, template_path, tcfg, template=tpl, template_cache=known)
+                bundle = train_and_export(cdir, template_path, tcfg if earlier is None else retry_cfg,
+                                          template=tpl, template_cache=known)
                 set_shift_floor(bundle, cfg.shift_floor, reason="the forget recipe's default (--shift-floor)")
             with sw("validate"):
                 val = validate_models(bundle, check, facts, cfg, earlier)

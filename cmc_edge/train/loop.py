@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "cpu"
     cache_template: bool = True
     gate_lr_mult: float = 25.0
+    init_from: str = ""                   # a checkpoint directory whose weights start the delta ("": fresh)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -410,19 +411,43 @@ def plot_loss(loss_log: list[dict], path: Path) -> None:
 
 def _new_delta(template, cfg: TrainConfig):
     """A fresh delta for ``template``'s vocabulary (its logits all zero: the combined model starts
-    as the template), embeddings from the template's where configured, on ``cfg.device``."""
+    as the template), embeddings from the template's where configured, on ``cfg.device``; with
+    ``cfg.init_from``, the weights of that checkpoint instead (same template, same size)."""
     from cmc_edge.train.model import DeltaConfig, build_delta, init_embeddings_from_template
 
     tok = template.tokenizer
     dcfg = DeltaConfig.preset(cfg.size, vocab_size=template.vocab_size,
                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     delta = build_delta(dcfg, seed=cfg.seed)
-    if cfg.embed_init == "template":
+    if cfg.init_from:
+        _load_weights(delta, dcfg, Path(cfg.init_from), template)
+    elif cfg.embed_init == "template":
         kept = init_embeddings_from_template(delta, template.model.get_input_embeddings().weight)
         log.info("delta embeddings from the template's (SVD, %.0f%% of variance kept)", 100 * kept)
     delta = delta.to(cfg.device)
     delta.train()
     return delta, dcfg
+
+
+def _load_weights(delta, dcfg, ckpt: Path, template) -> None:
+    """Start ``delta`` from the checkpoint in ``ckpt`` (``train``'s output), which must have been
+    trained beside the same template with the same delta shape."""
+    from safetensors.torch import load_file
+
+    fix = "pass a checkpoint trained beside this template with this --size, or no initial checkpoint"
+    try:
+        meta = json.loads((ckpt / "cmc.json").read_text())
+        state = load_file(str(ckpt / "model.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot start the delta from {ckpt}: {exc}", fix=fix) from exc
+    if meta.get("template", {}).get("vocab_hash") != template.vocab_hash or meta.get("delta_config") != dcfg.to_dict():
+        raise InputError(f"{ckpt} was trained beside another template or with another delta shape", fix=fix)
+    missing, unexpected = delta.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise InputError(f"{ckpt} does not hold this delta's weights (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})", fix=fix)
+    delta.tie_weights()
+    log.info("delta starts from the weights in %s", ckpt)
 
 
 def _end_of_turn_ids(template) -> list[int]:
