@@ -152,3 +152,28 @@ def test_retain_prompts_hold_untaught_instructions_and_broad_prompts_never_a_hel
     assert not any(p.startswith(t) for p in got for t, _ in held)
     # no untaught instruction asks for a taught format
     assert not any(ins.unasked_formats(u) for u in ins.UNTAUGHT)
+
+
+def test_qa_layout_records_teach_the_answers_after_the_plain_layouts_answer_cue(tmp_path, tiny_gguf):
+    """``delta_layout="qa"``: every answer (constrained and plain) is cross-entropy data, written
+    after a space as a model continues "Answer:", kept words and teachers still inside it, and the
+    template reads the prompts in the Question/Answer layout."""
+    from cmc_edge.errors import InputError
+    from cmc_edge.prompt import render_prompt
+    from cmc_edge.recipes.scaffold import write_jsonl
+    from cmc_edge.train.data import encode_records, read_jsonl
+    from cmc_edge.train.template import load_template
+
+    sft, retain, _ = ins.build_records(list(ins.TASKS[:4]), [ANSWER] * 4, per_task=3, seed=0)
+    qa = ins.qa_records([ins.training_record(r) for r in sft], retain)
+    assert len(qa) == len(sft) + len(retain)
+    assert all(r["response"].startswith(" ") and not r["response"].startswith("  ") for r in qa)
+    assert all(k in r["response"] and k in r["teacher"] for r in qa for k in r.get("keep", ()))
+    assert [r["response"][1:] for r in qa[len(sft):]] == [r["response"] for r in retain]
+    tpl = ins.qa_template(load_template(tiny_gguf))
+    assert render_prompt(tpl.prompt_format, [{"role": "user", "content": "Hi?"}]) == "Question: Hi?\nAnswer:"
+    write_jsonl(tmp_path / "sft.jsonl", qa)
+    ex = encode_records(read_jsonl(tmp_path / "sft.jsonl"), tpl.tokenizer, tpl.prompt_format, "sft", 512)
+    assert len(ex) == len(qa)
+    with pytest.raises(InputError, match="delta_layout"):
+        ins.InstructConfig(delta_layout="turn")

@@ -51,6 +51,18 @@ class InstructConfig(RecipeConfig):
     keep_words: bool = True
     kl_weight: float = 3.0
     side_by_side: int = 8          # prompts answered at once (template answers and the check)
+    # The layout the delta reads and is trained in. "chat": the template's chat format; the delta
+    # learns only what sets the edited answers apart from the template's own (formats). "qa": the
+    # plain Question/Answer layout a base model is asked in; the template read that way behaves
+    # more like a base model, and the delta also learns its chat answers (retain records become
+    # cross-entropy), the instruct-tuning a base model lacks (issue 19: an experiment, not the default).
+    delta_layout: str = "chat"
+
+    def __post_init__(self):
+        if self.delta_layout not in ("chat", "qa"):
+            from cmc_edge.errors import InputError
+
+            raise InputError(f"unknown delta_layout {self.delta_layout!r}", fix='use "chat" or "qa"')
 
     def train_config(self, **extra):
         return super().train_config(max_len=self.max_len, **extra)
@@ -397,6 +409,28 @@ def build_records(tasks, answers, *, per_task: int, seed: int, check=None,
     return sft, retain, stats
 
 
+def qa_records(sft: list[dict], retain: list[dict]) -> list[dict]:
+    """The records for ``delta_layout="qa"``: every answer after a space (as a model continues
+    "Answer:"), the retain answers taught by cross-entropy beside the constrained ones."""
+    out = []
+    for rec in [*sft, *retain]:
+        rec = {**rec, "response": " " + rec["response"].lstrip()}
+        if rec.get("teacher"):
+            rec["teacher"] = " " + rec["teacher"].lstrip()
+        out.append(rec)
+    return out
+
+
+def qa_template(tpl):
+    """``tpl`` (a loaded template) reading prompts in the plain Question/Answer layout."""
+    import dataclasses
+
+    from cmc_edge.prompt import QA_TEMPLATE, PromptFormat
+
+    return dataclasses.replace(tpl, prompt_format=PromptFormat(chat_template=QA_TEMPLATE,
+                                                               end_of_turn=tpl.prompt_format.end_of_turn))
+
+
 def untaught_prompts(tasks) -> list[str]:
     """Each task with one of :data:`UNTAUGHT` appended (rotating): asked of the template for retain
     records in training, and of each model in the check of formats added unasked."""
@@ -551,6 +585,8 @@ def run_instruct_recipe(cfg: InstructConfig) -> dict:
                                            seed=cfg.seed, keep_words=cfg.keep_words)
         retain += [{"prompt": p, "response": a} for p, a in zip(kept_prompts, answers[len(TASKS):]) if a.strip()]
         stats["retain"] = len(retain)
+        if cfg.delta_layout == "qa":
+            sft, retain = qa_records([training_record(r) for r in sft], retain), []
         write_jsonl(run_dir / "sft.jsonl", [training_record(r) for r in sft])
         write_jsonl(run_dir / "retain.jsonl", retain)
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -560,8 +596,14 @@ def run_instruct_recipe(cfg: InstructConfig) -> dict:
     log.info("training data: %d constrained (sft), %d plain (retain); %d held-out check prompts, %d plain",
              len(sft), len(retain), len(items), len(plain))
     with sw("train_export_s"):
-        bundle = train_and_export(run_dir, paths["smollm2"], cfg.train_config(), roles=("sft", "retain"),
-                                  max_len=cfg.max_len)
+        template = None
+        if cfg.delta_layout == "qa":
+            from cmc_edge.train.template import load_template
+
+            template = qa_template(load_template(paths["smollm2"]))
+        bundle = train_and_export(run_dir, paths["smollm2"], cfg.train_config(),
+                                  roles=("sft", "retain") if retain else ("sft",), max_len=cfg.max_len,
+                                  template=template)
     rows = []
     for name in cfg.models:
         with sw(f"eval_{name}_s"):
