@@ -260,6 +260,15 @@ def test_the_filter_trained_again_ships_only_if_safer_or_better_on_the_template(
     assert fr.adopt_second(_cand("weak", other="collapse"), _cand("ok", other="collapse"), "t")
 
 
+def test_a_filter_is_trained_again_when_short_on_the_template_or_unsafe_on_any_checked_model():
+    v = lambda t, g: {"t": {"status": t}, "g": {"status": g}}  # noqa: E731
+    assert fr.retry_reasons(v("ok", "ok"), "t") == [] and fr.retry_reasons(v("ok", "weak"), "t") == []
+    assert fr.retry_reasons(v("weak", "ok"), "t") == ["weak on t"]
+    assert fr.retry_reasons(v("ok", "collapse"), "t") == ["collapse on g"]
+    assert fr.retry_reasons(v("collapse", "collapse"), "t") == ["collapse on t", "collapse on g"]
+    assert fr.retry_reasons(v("unmeasured", "ok"), "t") == []
+
+
 def test_check_bar_compares_with_the_blocklist():
     def summary(forget, probe, keep, general, ppl, wrong):
         return {"forget": forget, "probe": probe, "keep": keep, "general": general, "ppl": ppl,

@@ -69,8 +69,9 @@ class ForgetConfig:
     shift_floor: float = 0.3
     # The template's broad answers held once more as plain prose ({"text": ...} retain records).
     # None (auto): trained without them; when validation on the template finds the filter short of
-    # the bar ("weak") or unsafe at every strength ("collapse"), a second filter is trained with them
-    # and ships if it validates better there and is safe on every checked model (adopt_second). On
+    # the bar ("weak") or unsafe at every strength ("collapse"), or a checked model unsafe at the
+    # template's strength (retry_reasons), a second filter continues the first with them and ships
+    # if it is safer on the checked models or validates better on the template (adopt_second). On
     # science (seed 1) they took validation perplexity at alpha 1 from +4.0% to +0.25% and the filter
     # from FAIL to PASS; always on, three Gemma 3 rows of the four-set bar at seed 0 lost kept facts
     # (BENCHMARKS.md). True: always; False: never.
@@ -519,6 +520,13 @@ def validate_models(bundle: Path, models: list[str], facts: list[Fact], cfg: For
 _STATUS_ORDER = {"ok": 0, "unmeasured": 0, "weak": 1, "collapse": 2}
 
 
+def retry_reasons(validation: dict[str, dict], template: str) -> list[str]:
+    """Why a filter gets a second training (empty: it does not): short of the bar or unsafe on the
+    template ("weak", "collapse"), or unsafe on any checked model at the template's strength."""
+    out = [f"{validation[template]['status']} on {template}"] if validation[template]["status"] in ("weak", "collapse") else []
+    return out + [f"collapse on {n}" for n, v in validation.items() if n != template and v["status"] == "collapse"]
+
+
 def _rank(c: dict, template: str) -> tuple:
     """Lower is better: whether the candidate is unsafe ("collapse") on any checked model, then its
     status on the template, then its forgetting there."""
@@ -872,10 +880,11 @@ def run_forget(facts_path, out, cfg: ForgetConfig = ForgetConfig(), *, overwrite
 
         first = candidate(run, bool(cfg.prose_retain), "")
         tried = [first]
-        if cfg.prose_retain is None and first["validation"][cfg.template]["status"] in ("weak", "collapse"):
-            log.warning("the filter validates %s on %s; training a second one that is also held silent on plain "
-                        "prose (--prose-retain), to ship it if it validates better there and is safe on every "
-                        "checked model", first["validation"][cfg.template]["status"], cfg.template)
+        short = retry_reasons(first["validation"], cfg.template)
+        if cfg.prose_retain is None and short:
+            log.warning("the filter validates %s; training a second one that continues it, also held silent on "
+                        "plain prose (--prose-retain), to ship it if it is safer or validates better on %s",
+                        " and ".join(short), cfg.template)
             tried.append(candidate(run / "prose-retain", True, " (with prose)", first["validation"]))
         del tpl, known
         best = tried[1] if len(tried) > 1 and adopt_second(tried[0], tried[1], cfg.template) else first
