@@ -359,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {fdef.shift_floor:g}; 0 keeps every shift)")
     p.add_argument("--prose-retain", action=argparse.BooleanOptionalAction, default=None,
                    help="also hold the filter silent on plain prose (the template's broad answers as documents). "
-                        "Default: only when the first filter validates short of the bar or unsafe on the template; "
-                        "then a second filter is trained with it (about 5 minutes more) and ships if it validates "
-                        "better there and is safe on every checked model. --prose-retain: always; "
-                        "--no-prose-retain: never")
+                        "Default: only when the first filter validates short of the bar or unsafe on the template, "
+                        "or unsafe on a --check-model; then a second filter continues the first with it (about 2 "
+                        "minutes more) and ships if it is safer on the checked models or validates better on the "
+                        "template. --prose-retain: always (one training); --no-prose-retain: never")
     p.add_argument("--alpha-per-model", action="store_true",
                    help="choose the strength on validation on every checked model, not only on the template, and "
                         "record each in the bundle for that model file (the runtime runs it there); by default "

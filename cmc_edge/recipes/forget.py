@@ -730,7 +730,7 @@ def format_report(result: dict) -> str:
     tried = result.get("candidates", [])
     if len(tried) > 1:
         lines[-1:-1] = ["trained twice: " + "; ".join(
-            f"{'with' if c['prose_retain'] else 'without'} prose retain ("
+            f"{'continued with' if c['prose_retain'] else 'without'} prose retain ("
             + ", ".join(f"{n}: {v['status']} at {v['alpha']:g}" for n, v in c["validation"].items())
             + ")" + (" shipped" if c["chosen"] else "") for c in tried)]
     head = (f"{'model':<10} {'decoding':<10} {'forget':>7} {'probes':>7} {'keep':>7} {'general':>8} "
