@@ -678,7 +678,7 @@ def test_a_prefix_every_record_shares_is_run_once_with_the_same_log_probs(templa
     pairs = [(lead + q, a) for q, a in [("Hi?", "Yes."), ("Why is the sky blue?", "Light scatters."),
                                         ("Cats?", "Cats purr."), ("Name a sea.", "The North Sea.")]]
     ex = encode_records(records(pairs), template.tokenizer, template.prompt_format, "retain", 128)
-    n, _ = _shared_prefix(template.model, ex)
+    n = _shared_prefix(template.model, ex)[0]
     assert n >= len(template.tokenizer(lead)["input_ids"]) and all(n < len(e.prompt_ids) for e in ex)
     seen = []
     hook = template.model.model.register_forward_pre_hook(

@@ -588,7 +588,7 @@ def run_instruct_recipe(cfg: InstructConfig) -> dict:
         retain += [{"prompt": p, "response": a} for p, a in zip(kept_prompts, answers[len(TASKS):]) if a.strip()]
         stats["retain"] = len(retain)
         if cfg.delta_layout == "qa":
-            sft, retain = qa_records([training_record(r) for r in sft], retain), []
+            sft, retain = qa_records(sft, retain), []
         write_jsonl(run_dir / "sft.jsonl", [training_record(r) for r in sft])
         write_jsonl(run_dir / "retain.jsonl", retain)
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n")

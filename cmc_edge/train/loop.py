@@ -156,8 +156,9 @@ def _logits_at(model, ids, mask, rows, cols, prefix=None):
     output layer (a quarter of SmolLM2's work per token, and a (B, L, V) buffer) only where a loss
     reads it. Models without a separate decoder and head get the full forward, then the rows.
 
-    ``prefix``: (P, cache) from :func:`_shared_prefix`, the body's keys and values for the first P
-    tokens, which every row of ``ids`` begins with: only the rest is run (columns shift by P)."""
+    ``prefix``: (P, cache, kwarg) from :func:`_shared_prefix`, the body's keys and values for the
+    first P tokens, which every row of ``ids`` begins with, and the name the body takes them by:
+    only the rest is run (columns shift by P)."""
     import copy
 
     import torch
@@ -169,11 +170,10 @@ def _logits_at(model, ids, mask, rows, cols, prefix=None):
     if prefix is None:
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
     else:
-        n, cache = prefix
+        n, cache, kwarg = prefix
         past = copy.deepcopy(cache)
         past.batch_repeat_interleave(ids.shape[0])
-        hidden = body(input_ids=ids[:, n:], attention_mask=mask, use_cache=True,
-                      **{_cache_kwarg(body): past}).last_hidden_state
+        hidden = body(input_ids=ids[:, n:], attention_mask=mask, use_cache=True, **{kwarg: past}).last_hidden_state
         cols = cols - n
     logits = head(hidden[rows, cols])
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -192,7 +192,7 @@ _MIN_SHARED_PREFIX = 8
 
 
 def _shared_prefix(model, examples):
-    """(P, cache) for the longest token prefix every example's prompt begins with (the chat format's
+    """(P, cache, kwarg) for the longest token prefix every example's prompt begins with (the chat format's
     system turn: 24 of SmolLM2's 64 tokens per forget-recipe record), leaving each example at least
     one prompt token so its first response position stays in the part that is run; None when the
     prefix is shorter than ``_MIN_SHARED_PREFIX`` or the model has no separate decoder.
@@ -210,11 +210,11 @@ def _shared_prefix(model, examples):
             min(len(e.prompt_ids) for e in examples) - 1)
     if n < _MIN_SHARED_PREFIX:
         return None
-    body = parts[0]
-    cache = DynamicCache(config=model.config)
+    body, cache = parts[0], DynamicCache(config=model.config)
+    kwarg = _cache_kwarg(body)
     ids = torch.tensor([list(examples[0].prompt_ids[:n])], device=model.device)
-    body(input_ids=ids, use_cache=True, **{_cache_kwarg(body): cache})
-    return n, cache
+    body(input_ids=ids, use_cache=True, **{kwarg: cache})
+    return n, cache, kwarg
 
 
 def template_logprobs(model, examples, pad_id: int, chunk: int = 8):
@@ -366,16 +366,24 @@ def _save_resume(path: Path, delta, opt, sched, gen, step: int, loss_log: list, 
         (tmp / "progress.json").write_text(json.dumps({"step": step, "config_key": key, "loss_log": loss_log}))
 
 
+def _load_delta_weights(delta, path: Path) -> tuple[list, list]:
+    """Load a safetensors file of delta weights (the tied output layer may be absent) and tie the
+    output layer to the embeddings again; returns (missing, unexpected) keys."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = delta.load_state_dict(load_file(str(path)), strict=False)
+    delta.tie_weights()
+    return missing, unexpected
+
+
 def _load_resume(path: Path, delta, opt, sched, gen, key: str) -> tuple[int, list]:
     import torch
-    from safetensors.torch import load_file
 
     prog = json.loads((path / "progress.json").read_text())
     if prog["config_key"] != key:
         raise InputError(f"{path} was saved by a run with other settings or data",
                          fix=f"rerun with the original settings, or delete {path} to start over")
-    delta.load_state_dict(load_file(str(path / "delta.safetensors")), strict=False)
-    delta.tie_weights()
+    _load_delta_weights(delta, path / "delta.safetensors")
     state = torch.load(path / "state.pt", weights_only=True)
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
@@ -432,21 +440,20 @@ def _new_delta(template, cfg: TrainConfig):
 def _load_weights(delta, dcfg, ckpt: Path, template) -> None:
     """Start ``delta`` from the checkpoint in ``ckpt`` (``train``'s output), which must have been
     trained beside the same template with the same delta shape."""
-    from safetensors.torch import load_file
-
     fix = "pass a checkpoint trained beside this template with this --size, or no initial checkpoint"
     try:
         meta = json.loads((ckpt / "cmc.json").read_text())
-        state = load_file(str(ckpt / "model.safetensors"))
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot start the delta from {ckpt}: {exc}", fix=fix) from exc
     if meta.get("template", {}).get("vocab_hash") != template.vocab_hash or meta.get("delta_config") != dcfg.to_dict():
         raise InputError(f"{ckpt} was trained beside another template or with another delta shape", fix=fix)
-    missing, unexpected = delta.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = _load_delta_weights(delta, ckpt / "model.safetensors")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot start the delta from {ckpt}: {exc}", fix=fix) from exc
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise InputError(f"{ckpt} does not hold this delta's weights (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})", fix=fix)
-    delta.tie_weights()
     log.info("delta starts from the weights in %s", ckpt)
 
 
