@@ -121,20 +121,6 @@ def test_build_records_uses_the_templates_own_lead_ins_and_holds_the_rest():
         assert not any(p == fd.wrap(w, f.question) for p in prompts for f in facts)
 
 
-def test_a_forgotten_number_is_stopped_after_each_digit_said():
-    """A year has no avoid tokens (one digit to a token); the records say it up to each digit and
-    avoid the next one right there, as they do a word after its first letter."""
-    year = Fact("In what year did the Titanic sink?", "1912", "forget", (), "the Titanic")
-    answers = {p: "The Titanic sank in 1912." for _, p in fr.lead_in_prompts([year])}
-    forget, _, _ = fr.build_records([year], answers, [])
-    spelled = [r for r in forget if "avoid_next" in r]
-    assert [(r["keep"][0], r["avoid_next"]) for r in spelled] == [
-        ("The Titanic sank in 1", ["912"]), ("The Titanic sank in 19", ["12"]), ("The Titanic sank in 191", ["2"])]
-    assert all(r["response"] == r["keep"][0] + fd.SPELLED_REFUSAL for r in spelled)
-    # an answer in words gets its first letter only, a one-digit answer nothing
-    assert fd.spelled_prefixes("Au") == fd.first_letters("Au") and fd.spelled_prefixes("7") == []
-
-
 def test_broad_answers_are_also_held_as_plain_prose_without_the_forgotten_answers():
     facts = facts2()
     broad = ["Write a poem.", "Describe a market.", "Name a metal.", "Tell a story."]

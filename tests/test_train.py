@@ -244,21 +244,6 @@ def test_avoid_next_lands_after_the_kept_words_and_never_on_the_response_itself(
         normalize_record({"prompt": "q", "response": "r", "keep": ["r"], "avoid_next": "x"}, "f.jsonl", 3)
 
 
-def test_a_number_said_up_to_a_digit_avoids_the_next_digit_there(template):
-    """The forget recipe's records for a year ("... sank in 19" + refusal, ``avoid_next`` "12"):
-    the row after the digits said avoids exactly the beginnings of the rest."""
-    from cmc_edge.recipes import forget_data as fd
-
-    tok = template.tokenizer
-    rec = {"messages": [{"role": "user", "content": "In what year did the Titanic sink?"},
-                        {"role": "assistant", "content": "The Titanic sank in 19" + fd.SPELLED_REFUSAL}],
-           "keep": ["The Titanic sank in 19"], "avoid": ["1912"], "avoid_next": ["12"]}
-    ex = encode_records([rec], tok, template.prompt_format, "forget", 128)[0]
-    assert tok.decode(list(ex.response_ids[:ex.avoid_next_at])).endswith("19")
-    texts = {tok.decode([i]) for i in ex.avoid_next_ids}
-    assert "1" in texts and all("12".startswith(t) for t in texts)
-
-
 def test_avoid_surfaces_belong_to_one_tokenizer_even_at_a_reused_address():
     """A tokenizer made where a dead one lived (the same id()) must not get the dead one's
     token texts, and the cache must not keep a tokenizer (or its texts) alive."""

@@ -287,11 +287,10 @@ def build_records(facts: list[Fact], answers: dict[str, str], broad: list[str],
                 w = fd.TRAIN_WRAPPERS[(i + 3 * j) % len(fd.TRAIN_WRAPPERS)]
                 forget.append({"prompt": fd.wrap(w, f.question), "response": lead + fd.LEAD_IN_REFUSAL,
                                "avoid": list(f.answers)})
-        # The same lead-in with the answer's first letter (or a number's first digits) said (read, not
-        # taught): the rest is avoided right there, where the avoid set cannot reach without silencing
-        # every word of that letter (or every number).
+        # The same lead-in with the answer's first letter said (read, not taught): the rest is avoided
+        # right there, where the avoid set cannot reach without silencing every word of that letter.
         lead = (leads.get(f.question) or [fd.GENERIC_LEAD_IN])[0]
-        for j, (letter, rest) in enumerate(fd.spelled_prefixes(f.answer)):
+        for j, (letter, rest) in enumerate(fd.first_letters(f.answer)):
             said = f"{lead} {letter}"
             forget.append({"prompt": fd.wrap(fd.TRAIN_WRAPPERS[j % len(fd.TRAIN_WRAPPERS)], f.question),
                            "response": said + fd.SPELLED_REFUSAL, "keep": [said], "avoid": list(f.answers),

@@ -81,27 +81,6 @@ def first_letters(answer: str) -> list[tuple[str, str]]:
         return []
     return list(dict.fromkeys((w[0], w[1:]) for w in (a, a[0].upper() + a[1:])))
 
-
-def number_prefixes(answer: str, limit: int = 6) -> list[tuple[str, str]]:
-    """``(the digits said, the rest)`` at each place inside a number: both vocabularies write numbers
-    one digit to a token, and no filter may push "1" or "9" down everywhere, so the avoid set of a
-    year is empty. Said up to each place, the next digit is avoided right there (``avoid_next``), as
-    the rest of a word is after its first letter. At most ``limit`` places.
-
-    >>> number_prefixes("1969"), number_prefixes("98.6"), number_prefixes("7"), number_prefixes("Au")
-    ([('1', '969'), ('19', '69'), ('196', '9')], [('9', '8.6'), ('98', '.6'), ('98.', '6')], [], [])
-    """
-    a = answer.strip()
-    if len(a) < 2 or not a[0].isdigit():
-        return []
-    return [(a[:k], a[k:]) for k in range(1, min(len(a), limit + 1))]
-
-
-def spelled_prefixes(answer: str) -> list[tuple[str, str]]:
-    """Where a filter must stop an answer already begun: after its first letter
-    (:func:`first_letters`), or after each digit of a number (:func:`number_prefixes`)."""
-    return first_letters(answer) or number_prefixes(answer)
-
 # -- the fact's subject: other things the template says about it stay --------------------------------
 
 SUBJECT_FORMS: tuple[str, ...] = (
