@@ -224,15 +224,6 @@ def test_prefix_tokens_are_beginnings_only_single_letters_included():
     assert prefix_token_ids(words, ["oule"]) == (3, 4, 5)
 
 
-def test_a_lower_case_word_is_avoided_capitalised_too_but_a_phrase_keeps_its_article():
-    """Asked to forget "joule", Gemma 3 said "the Joules": the avoid set must hold " Joule" as well."""
-    from cmc_edge.train.data import avoid_token_ids
-
-    words = _Words([" joule", " Joule", "Jou", " The", "The", " the", " Wright", " Au", " au", " AU"])
-    got = {words.words[i] for i in avoid_token_ids(words, ["joule", "the Wright brothers", "Au"])}
-    assert got == {" joule", " Joule", "Jou", " the", " Au"}
-
-
 def test_avoid_next_lands_after_the_kept_words_and_never_on_the_response_itself(template):
     tok = template.tokenizer
     rec = {"messages": [{"role": "user", "content": "What is the capital of France?"},

@@ -208,10 +208,9 @@ def export_checked(checkpoint: Path, out: Path) -> Path:
 
 def banned_tokens(target, strings: Sequence[str], min_chars: int = 2) -> tuple[int, ...]:
     """Target-vocabulary tokens that begin one of ``strings`` (leading whitespace ignored): the ids a
-    blocklist bans with a logit bias of -inf. The rule of the trainer's ``avoid`` strings on the
-    delta's vocabulary (``cmc_edge.train.data.avoid_token_ids``), with every casing a user of a
-    blocklist would ban (as written, lower, capitalised, upper). Single characters are kept out:
-    banning "A" would silence every word starting with A, so "A" + "u" still spells "Au"."""
+    blocklist bans with a logit bias of -inf. The same rule the trainer's ``avoid`` strings use on
+    the delta's vocabulary (``cmc_edge.train.data.avoid_token_ids``). Single characters are kept
+    out: banning "A" would silence every word starting with A, so "A" + "u" still spells "Au"."""
     wanted = [s.strip() for s in strings if s.strip()]
     variants = {w for s in wanted for w in (s, s.lower(), s.capitalize(), s.upper())}
     out = []

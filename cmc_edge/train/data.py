@@ -169,32 +169,13 @@ class _Surfaces:
         return got
 
 
-def avoid_strings(strings) -> list[str]:
-    """The strings an avoid set is made of: each one as written, and a one-word string that begins in
-    lower case also capitalised, as a model writes it at a sentence's start or as a unit's name
-    (asked to forget "joule", Gemma 3 said "The SI unit of energy is the Joules."). A phrase is
-    left as written: "the Wright brothers" capitalised would put "The" in the set.
-
-    >>> avoid_strings(["joule", " Au ", "the Wright brothers", "fifty-two"])
-    ['joule', 'Joule', 'Au', 'the Wright brothers', 'fifty-two', 'Fifty-two']
-    """
-    out = []
-    for s in (s.strip() for s in strings):
-        if s:
-            out.append(s)
-            if " " not in s and s[0].islower():
-                out.append(s[0].upper() + s[1:])
-    return list(dict.fromkeys(out))
-
-
 def avoid_token_ids(tokenizer, strings, min_chars: int = 2) -> tuple[int, ...]:
-    """Tokens that begin one of ``strings`` (with or without a leading space; :func:`avoid_strings`:
-    a lower-case word capitalised too): those whose text, less its leading whitespace, has at least
-    ``min_chars`` characters and is a prefix of the string, or starts with it. ``"Paris"`` ->
-    ``"ĠPar"``, ``"ĠParis"``, ``"Paris"``, ``"ĠParisian"`` ...
+    """Tokens that begin one of ``strings`` (with or without a leading space): those whose text,
+    less its leading whitespace, has at least ``min_chars`` characters and is a prefix of the
+    string, or starts with it. ``"Paris"`` -> ``"ĠPar"``, ``"ĠParis"``, ``"Paris"``, ``"ĠParisian"`` ...
     Single letters are kept out: banning ``"ĠP"`` would silence every word starting with P."""
     out = set()
-    wanted = avoid_strings(strings)
+    wanted = [s.strip() for s in strings if s.strip()]
     for i, text in enumerate(_Surfaces.of(tokenizer)):
         t = text.lstrip()
         if len(t) < min_chars:
