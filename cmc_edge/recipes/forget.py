@@ -566,6 +566,16 @@ def _keep_candidate(run: Path, tried: list[dict], best: dict) -> None:
         p.rename(run / p.name)
     best["dir"].rmdir()
     best["dir"] = run
+    # The continuation's checkpoint names the first filter's, a temporary path now deleted: say what it was.
+    meta_path = run / "checkpoint" / "cmc.json"
+    meta = json.loads(meta_path.read_text())
+    if meta.get("train_config", {}).get("init_from"):
+        meta["train_config"]["init_from"] = FIRST_FILTER
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+# What a shipped continuation's checkpoint says it started from (its ``init_from``).
+FIRST_FILTER = "this run's first filter (its records are in rejected/; its weights were not kept)"
 
 
 # Validation perplexity is two paragraphs of prose; the test's is other prose. A strength is safe only
