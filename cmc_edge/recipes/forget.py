@@ -545,10 +545,16 @@ def adopt_second(first: dict, second: dict, template: str) -> bool:
     return _rank(second, template) < _rank(first, template)
 
 
+# What a shipped continuation's checkpoint says it started from (its ``init_from``).
+FIRST_FILTER = "this run's first filter (its records are in rejected/; its weights were not kept)"
+
+
 def _keep_candidate(run: Path, tried: list[dict], best: dict) -> None:
     """Leave the chosen filter's records, checkpoint and bundle at the top of ``run`` and the other's
     records (not its weights) in ``run/rejected``."""
     import shutil
+
+    from cmc_edge.artifacts import read_json, write_json
 
     rejected = run / "rejected"
     if best is tried[0]:
@@ -567,15 +573,9 @@ def _keep_candidate(run: Path, tried: list[dict], best: dict) -> None:
     best["dir"].rmdir()
     best["dir"] = run
     # The continuation's checkpoint names the first filter's, a temporary path now deleted: say what it was.
-    meta_path = run / "checkpoint" / "cmc.json"
-    meta = json.loads(meta_path.read_text())
-    if meta.get("train_config", {}).get("init_from"):
-        meta["train_config"]["init_from"] = FIRST_FILTER
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-
-
-# What a shipped continuation's checkpoint says it started from (its ``init_from``).
-FIRST_FILTER = "this run's first filter (its records are in rejected/; its weights were not kept)"
+    meta = read_json(run / "checkpoint" / "cmc.json", "checkpoint metadata (cmc.json)")
+    meta["train_config"]["init_from"] = FIRST_FILTER
+    write_json(run / "checkpoint" / "cmc.json", meta)
 
 
 # Validation perplexity is two paragraphs of prose; the test's is other prose. A strength is safe only
