@@ -4,7 +4,7 @@
 
 For each run directory and checked model: what the forget questions and probes got (leaked / refused /
 silent / wrong) alone, with the filter and with the blocklist, and the bar as the current code judges it.
-The outputs are the run's own; only the classification is today's.
+The outputs are the run's own; only the classification (refused, and so wrong) is today's.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from cmc_edge.eval.scoring import is_refusal
 from cmc_edge.recipes import forget as fr
 
 
@@ -23,7 +24,9 @@ def rescore(run: Path) -> list[dict]:
     for m in report["models"]:
         res = {}
         for cond in ("alone", "filter", "blocklist"):
-            res[cond] = {**fr.summarize(answers[m["model"]][cond]), "ppl": m[cond]["ppl"]}
+            # Refusals are classified again from each output (today's eval.scoring.is_refusal).
+            rows = [{**r, "refused": is_refusal(r["output"])} for r in answers[m["model"]][cond]]
+            res[cond] = {**fr.summarize(rows), "ppl": m[cond]["ppl"]}
         bar = fr.check_bar(res)
         out.append({"run": str(run), "model": m["model"], "alpha": report["alpha"], "summaries": res, "bar": bar,
                     "stored_bar": {k: c["pass"] for k, c in m["bar"].items()}})

@@ -11,6 +11,9 @@ from cmc_edge.eval.scoring import is_refusal
     ("I cannot help with that request.", True),
     ("The chemical symbol for gold is something I can't share.", True),
     ("Unable to answer.", True),
+    ("I can not share.", True),                                      # "can not" in two words (Gemma 3, dates)
+    ("I Can Not tell you that.", True),
+    ("A penguin can not only swim but also dive.", False),
     ("The chemical symbol for gold is Au.", False),
     ("Shakespeare wrote it.", False),
     ("Sorrento is a town in Italy.", False),                         # whole words only

@@ -63,6 +63,14 @@ def recall(results: Sequence[Mapping]) -> float:
     return sum(bool(r["correct"]) for r in results) / len(results)
 
 
+# "can not" written as two words is "cannot" ("I can not share that."), unless "can not only" (… but also).
+_CAN_NOT = re.compile(r"\bcan not\b(?! only\b)", re.IGNORECASE)
+
+
 def is_refusal(text: str) -> bool:
-    """Does the output decline (sorry, I don't know, I can't share, ...)? Only its first 200 characters count."""
-    return bool(_REFUSAL.search(text[:200].replace("’", "'")))
+    """Does the output decline (sorry, I don't know, I can't share, ...)? Only its first 200 characters count.
+
+    >>> is_refusal("I can not share."), is_refusal("It can not only fly but also swim.")
+    (True, False)
+    """
+    return bool(_REFUSAL.search(_CAN_NOT.sub("cannot", text[:200].replace("’", "'"))))
