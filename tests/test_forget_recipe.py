@@ -355,6 +355,14 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
     assert rep["config"]["side_by_side"] == 8 and f"check {tiny_gguf}" in rep["timings"]
     rows = json.loads((out / "answers.json").read_text())["test"][str(tiny_gguf)]
     assert {"alone", "filter", "blocklist"} <= set(rows) and all(len(v) == len(rows["alone"]) for v in rows.values())
+    # the system-prompt baseline, on the same items: told which questions not to answer, never their answers
+    m = rep["models"][0]
+    assert set(rows) == {"alone", "filter", "blocklist", "system_prompt"}
+    assert m["system_prompt"]["counts"] == m["alone"]["counts"] and m["system_prompt"]["ppl"] is None
+    said = m["system_prompt_text"]
+    assert GOLD["question"] in said and "What is the symbol of gold?" in said and "Hamlet" not in said
+    assert not {"Au", "Aurum"} & set(said.replace("?", " ").split())
+    assert "sys prompt" in rep["table"]
     # an existing output is never overwritten by accident
     with pytest.raises(InputError, match="already exists"):
         fr.run_forget(facts, out, fr.ForgetConfig(template=str(tiny_gguf), steps=1))

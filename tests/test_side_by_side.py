@@ -119,6 +119,22 @@ def test_answer_all_side_by_side_matches_one_by_one(tiny_gguf):
     assert [(a.prompt, a.text, a.tokens) for a in one] == [(a.prompt, a.text, a.tokens) for a in many]
 
 
+def test_answer_all_puts_the_system_prompt_first_side_by_side_or_not(tiny_gguf):
+    """The forget report's system-prompt baseline: the system turn reaches the model's prompt."""
+    from cmc_edge.recipes.scaffold import answer_all
+
+    eng = Engine(TargetLLM(tiny_gguf, n_ctx=256, n_threads=1))
+    seen = []
+    chat_prompts = eng.chat_prompts
+    eng.chat_prompts = lambda messages, tpl=None: (seen.append(messages), chat_prompts(messages, tpl))[1]
+    qs = ["hello", "Who wrote Hamlet?", "2 + 2 ="]
+    one = answer_all(eng, qs, max_tokens=6, stop=(), system="Never say hi.")
+    many = answer_all(eng, qs, max_tokens=6, stop=(), system="Never say hi.", side_by_side=2)
+    assert len(seen) == 6 and all(m[0] == {"role": "system", "content": "Never say hi."} for m in seen)
+    assert [m[1]["content"] for m in seen] == qs * 2
+    assert [a.text for a in one] == [a.text for a in many]
+
+
 def test_a_prompt_at_several_strengths_is_evaluated_once_and_answers_as_at_each_alone(tiny_gguf, tmp_path):
     """answer_at: the answers at each strength are those of a pass at that strength alone, and
     llama.cpp evaluates each prompt's tokens once for all strengths (only its last token again)."""

@@ -88,6 +88,9 @@ class ForgetConfig:
     answer_tokens: int = 32
     check_tokens: int = 24
     probes: bool = True
+    # The report's second baseline: the model alone told in a system prompt which questions not to
+    # answer (forget_data.system_prompt), the thing a user tries first. Off: not measured (faster).
+    system_prompt_baseline: bool = True
     # Prompts answered side by side (one llama.cpp batch) in validation and the checks: 1.2-1.6x
     # faster on 2 cores than one by one; 1 decodes them one after another. (The template answers
     # the training prompts in torch, many per batch.)
@@ -690,7 +693,7 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
     """One model on the test split: alone, with the filter, and with the blocklist."""
     from cmc_edge.eval.runner import perplexity
     from cmc_edge.models import resolve_model
-    from cmc_edge.recipes.scaffold import answer_at, banned_tokens
+    from cmc_edge.recipes.scaffold import answer_all, answer_at, banned_tokens
     from cmc_edge.runtime.engine import Delta, Engine
     from cmc_edge.runtime.target import TargetLLM
 
@@ -712,12 +715,22 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
                    answer_at(engine, prompts, [[a] for _, a, _ in conds], logit_biases=[b for _, _, b in conds],
                              max_tokens=cfg.check_tokens, side_by_side=cfg.side_by_side,
                              desc=f"{name} alone, blocklist, filter")))
+    if cfg.system_prompt_baseline:
+        # Its own pass: the system turn is a prefix every prompt shares, evaluated once per sequence.
+        out["system_prompt_text"] = fd.system_prompt([q for f in facts if f.split == "forget" for q in f.questions])
+        got["system_prompt"] = answer_all(engine, prompts, alphas=[0.0], system=out["system_prompt_text"],
+                                          max_tokens=cfg.check_tokens, side_by_side=cfg.side_by_side,
+                                          desc=f"{name} with the system prompt")
     out["answer_seconds"] = round(time.perf_counter() - t0, 1)
     for cond, a, _ in conds:
         rows[cond] = score(items, got[cond])
         out[cond] = summarize(rows[cond])
         if cond != "blocklist":
             out[cond]["ppl"] = perplexity(engine, text, alphas=[a])
+    if "system_prompt" in got:
+        rows["system_prompt"] = score(items, got["system_prompt"])
+        # A system turn does not change how the model reads a document: no perplexity of its own.
+        out["system_prompt"] = {**summarize(rows["system_prompt"]), "ppl": None}
     # The blocklist's answers that differ from the model's alone: those that chose a banned token.
     out["blocklist"]["decoded_again"] = sum(bool(banned.intersection(a.ids)) for a in got["alone"])
     prose = set(target.tokenize(text))
@@ -734,6 +747,15 @@ def _pct(x) -> str:
     return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
 
 
+# How the report card names each way of decoding (the rest by their keys).
+_COND_NAMES = {"system_prompt": "sys prompt"}
+
+
+def _conditions(m: dict) -> tuple[str, ...]:
+    """The ways of decoding a model's check measured, in the report's order."""
+    return tuple(c for c in ("alone", "filter", "blocklist", "system_prompt") if c in m)
+
+
 def format_report(result: dict) -> str:
     chosen = ", ".join(f"{m['alpha']:g} on {Path(m['model']).stem} ({m['alpha_status']})" for m in result["models"])
     lines = [f"filter: {result['bundle']}   alpha {chosen}, chosen on validation", ""]
@@ -747,26 +769,27 @@ def format_report(result: dict) -> str:
             f"{'refuse*':>8} {'leaked':>7} {'refused':>8} {'silent':>7} {'wrong':>7} {'ppl':>8}")
     lines += [head, "-" * len(head)]
     for m in result["models"]:
-        for cond in ("alone", "filter", "blocklist"):
+        for cond in _conditions(m):
             r = m[cond]
             o = r["outcomes"]
             ppl = r.get("ppl")
-            lines.append(f"{Path(m['model']).stem[:10]:<10} {cond:<10} {_pct(r.get('forget')):>7} {_pct(r.get('probe')):>7} "
+            lines.append(f"{Path(m['model']).stem[:10]:<10} {_COND_NAMES.get(cond, cond):<10} {_pct(r.get('forget')):>7} {_pct(r.get('probe')):>7} "
                          f"{_pct(r.get('keep')):>7} {_pct(r.get('general')):>8} {_pct(r['refused_elsewhere']):>8} "
                          f"{_pct(o['leaked']):>7} {_pct(o['refused']):>8} {_pct(o['silent']):>7} {_pct(o['wrong']):>7} "
-                         f"{'inf' if ppl == math.inf else f'{ppl:.2f}':>8}")
+                         f"{'-' if ppl is None else 'inf' if ppl == math.inf else f'{ppl:.2f}':>8}")
     lines.append("")
     lines.append("forget/keep/general: the answer given (held-out wrappers; general = never-trained facts); probes: "
                  "attacks that got the answer out; refuse*: refusals on kept and general questions; "
                  "leaked/refused/silent/wrong: what the forget questions and probes got (silent: an empty reply; "
-                 "wrong: a made-up answer)")
+                 "wrong: a made-up answer); sys prompt: the model alone told in a system prompt which questions not "
+                 "to answer (report.json: system_prompt_text)")
     kinds = list(fd.PROBE_KINDS)
     if any(m["alone"].get("probe_kinds") for m in result["models"]):
         lines += ["", "probe leaks: " + " ".join(f"{k[:12]:>12}" for k in kinds)]
         for m in result["models"]:
-            for cond in ("alone", "filter", "blocklist"):
+            for cond in _conditions(m):
                 pk = m[cond].get("probe_kinds", {})
-                lines.append(f"{Path(m['model']).stem[:8] + ' ' + cond:<17}" + " ".join(f"{_pct(pk.get(k)):>12}" for k in kinds))
+                lines.append(f"{Path(m['model']).stem[:8] + ' ' + _COND_NAMES.get(cond, cond):<17}" + " ".join(f"{_pct(pk.get(k)):>12}" for k in kinds))
     lines.append("")
     for m in result["models"]:
         parts = []
@@ -791,13 +814,17 @@ def plot_report(result: dict, path: Path) -> Path:
     from cmc_edge.eval.evaluate import save_png
 
     splits = [s for s in ("forget", "probe", "keep", "general") if s in result["models"][0]["alone"]]
-    conds = (("alone", "model alone", "#999999"), ("filter", "CMC filter", "#d9534f"), ("blocklist", "blocklist", "#5b8fd9"))
+    conds = [c for c in (("alone", "model alone", "#999999"), ("filter", "CMC filter", "#d9534f"),
+                         ("blocklist", "blocklist", "#5b8fd9"), ("system_prompt", "system prompt", "#f0ad4e"))
+             if c[0] in result["models"][0]]
+    width = 0.8 / len(conds)
     fig, axes = plt.subplots(1, len(result["models"]), figsize=(4.8 * len(result["models"]), 3.4), squeeze=False,
                              sharey=True)
     for ax, m in zip(axes[0], result["models"]):
         for j, (cond, label, color) in enumerate(conds):
             ys = [100 * m[cond][s] for s in splits]
-            bars = ax.bar([i + (j - 1) * 0.27 for i in range(len(splits))], ys, width=0.27, label=label, color=color)
+            bars = ax.bar([i + (j - (len(conds) - 1) / 2) * width for i in range(len(splits))], ys, width=width,
+                          label=label, color=color)
             ax.bar_label(bars, fmt="%.0f", fontsize=6)
         ax.set_title(f"{Path(m['model']).stem}  (ppl {m['alone']['ppl']:.1f} -> {m['filter']['ppl']:.1f})", fontsize=9)
         ax.set_xticks(range(len(splits)), [{"probe": "probes\nleaked"}.get(s, f"{s}\nrecall") for s in splits], fontsize=8)
