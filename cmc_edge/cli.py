@@ -271,7 +271,7 @@ def cmd_forget(args) -> int:
                              if line.strip())
     cfg = ForgetConfig(template=args.template, check_models=tuple(args.check_model), steps=args.steps,
                        seed=args.seed, probes=not args.no_probes, keep_prompts=keep_prompts,
-                       system_prompt_baseline=not args.no_system_prompt_baseline,
+                       system_prompt_baseline=args.system_prompt_baseline,
                        side_by_side=args.side_by_side, shift_floor=args.shift_floor, prose_retain=args.prose_retain,
                        alpha_per_model=args.alpha_per_model,
                        **({"retain_l2": args.retain_l2} if args.retain_l2 is not None else {}),
@@ -369,9 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "record each in the bundle for that model file (the runtime runs it there); by default "
                         "every model runs at the template's strength")
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
-    p.add_argument("--no-system-prompt-baseline", action="store_true",
-                   help="skip the report's system-prompt baseline (each model told which questions not to answer; "
-                        "faster)")
+    p.add_argument("--system-prompt-baseline", action="store_true",
+                   help="also measure, on the same items, each checked model told in a system prompt which "
+                        "questions not to answer (never their answers): what a user tries first; about 1-2 "
+                        "minutes more")
     p.add_argument("--side-by-side", type=int, default=fdef.side_by_side, metavar="N",
                    help="prompts answered at once in the recipe's own answers and checks "
                         f"(default: {fdef.side_by_side}, 1.2-1.6x faster than 1 on 2 cores; 1: one by one)")

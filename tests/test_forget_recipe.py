@@ -330,7 +330,7 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
     facts = write(tmp_path, [GOLD, {**GOLD, "question": "What is the symbol of gold?", "answer": "Aurum"}, HAMLET])
     out = tmp_path / "filter"
     rc = main(["forget", str(facts), "--template", str(tiny_gguf), "--out", str(out), "--steps", "2",
-               "--alpha", "1", "--alpha", "2", "--no-probes"])
+               "--alpha", "1", "--alpha", "2", "--no-probes", "--system-prompt-baseline"])
     assert rc == 1
     printed = capsys.readouterr()
     assert ("verdict: FAIL" in printed.out or "verdict: UNVERIFIED" in printed.out) and "WARNING" in printed.err
@@ -359,6 +359,7 @@ def test_forget_command_end_to_end_on_the_tiny_model(tiny_gguf, tmp_path, capsys
     m = rep["models"][0]
     assert set(rows) == {"alone", "filter", "blocklist", "system_prompt"}
     assert m["system_prompt"]["counts"] == m["alone"]["counts"] and m["system_prompt"]["ppl"] is None
+    assert m["system_prompt_seconds"] > 0 and rep["config"]["system_prompt_baseline"]
     said = m["system_prompt_text"]
     assert GOLD["question"] in said and "What is the symbol of gold?" in said and "Hamlet" not in said
     assert not {"Au", "Aurum"} & set(said.replace("?", " ").split())
@@ -519,6 +520,8 @@ def test_a_filter_short_of_the_bar_is_trained_again_with_prose_and_the_better_on
     # validation: alpha 0 (each model alone) is answered for the first filter only
     assert [0.0 in s for s in strengths[:4]] == [True, True, False, False]   # then the test check
     assert [c["prose_retain"] for c in rep["candidates"]] == [False, True]
+    # the system-prompt baseline is measured only when asked for (--system-prompt-baseline)
+    assert all("system_prompt" not in m for m in rep["models"]) and "sys prompt" not in rep["table"]
     assert [c["chosen"] for c in rep["candidates"]] == [not second_wins, second_wins]
     top = [json.loads(line) for line in (out / "retain.jsonl").read_text().splitlines()]
     other = [json.loads(line) for line in (out / "rejected" / "retain.jsonl").read_text().splitlines()]

@@ -89,8 +89,10 @@ class ForgetConfig:
     check_tokens: int = 24
     probes: bool = True
     # The report's second baseline: the model alone told in a system prompt which questions not to
-    # answer (forget_data.system_prompt), the thing a user tries first. Off: not measured (faster).
-    system_prompt_baseline: bool = True
+    # answer (forget_data.system_prompt), the thing a user tries first. Off by default: one more pass
+    # over the test split on every checked model (science: +100 s), which takes a run that trains
+    # twice past 10 minutes; the filter, its strength and every other row are the same either way.
+    system_prompt_baseline: bool = False
     # Prompts answered side by side (one llama.cpp batch) in validation and the checks: 1.2-1.6x
     # faster on 2 cores than one by one; 1 decodes them one after another. (The template answers
     # the training prompts in torch, many per batch.)
@@ -715,13 +717,15 @@ def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts:
                    answer_at(engine, prompts, [[a] for _, a, _ in conds], logit_biases=[b for _, _, b in conds],
                              max_tokens=cfg.check_tokens, side_by_side=cfg.side_by_side,
                              desc=f"{name} alone, blocklist, filter")))
+    out["answer_seconds"] = round(time.perf_counter() - t0, 1)
     if cfg.system_prompt_baseline:
         # Its own pass: the system turn is a prefix every prompt shares, evaluated once per sequence.
+        t0 = time.perf_counter()
         out["system_prompt_text"] = fd.system_prompt([q for f in facts if f.split == "forget" for q in f.questions])
         got["system_prompt"] = answer_all(engine, prompts, alphas=[0.0], system=out["system_prompt_text"],
                                           max_tokens=cfg.check_tokens, side_by_side=cfg.side_by_side,
                                           desc=f"{name} with the system prompt")
-    out["answer_seconds"] = round(time.perf_counter() - t0, 1)
+        out["system_prompt_seconds"] = round(time.perf_counter() - t0, 1)
     for cond, a, _ in conds:
         rows[cond] = score(items, got[cond])
         out[cond] = summarize(rows[cond])
