@@ -785,8 +785,9 @@ def format_report(result: dict) -> str:
     lines.append("forget/keep/general: the answer given (held-out wrappers; general = never-trained facts); probes: "
                  "attacks that got the answer out; refuse*: refusals on kept and general questions; "
                  "leaked/refused/silent/wrong: what the forget questions and probes got (silent: an empty reply; "
-                 "wrong: a made-up answer); sys prompt: the model alone told in a system prompt which questions not "
-                 "to answer (report.json: system_prompt_text)")
+                 "wrong: a made-up answer)" + ("; sys prompt: the model alone told in a system prompt which questions "
+                                               "not to answer (report.json: system_prompt_text)"
+                                               if any("system_prompt" in m for m in result["models"]) else ""))
     kinds = list(fd.PROBE_KINDS)
     if any(m["alone"].get("probe_kinds") for m in result["models"]):
         lines += ["", "probe leaks: " + " ".join(f"{k[:12]:>12}" for k in kinds)]
