@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probes", action="store_true", help="skip the probe battery in the report (faster)")
     p.add_argument("--system-prompt-baseline", action="store_true",
                    help="also measure, on the same items, each checked model told in a system prompt which "
-                        "questions not to answer (never their answers): what a user tries first; about 1-2 "
+                        "questions not to answer (never their answers): what a user tries first; 1-2.5 "
                         "minutes more")
     p.add_argument("--side-by-side", type=int, default=fdef.side_by_side, metavar="N",
                    help="prompts answered at once in the recipe's own answers and checks "

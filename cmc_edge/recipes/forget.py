@@ -90,8 +90,9 @@ class ForgetConfig:
     probes: bool = True
     # The report's second baseline: the model alone told in a system prompt which questions not to
     # answer (forget_data.system_prompt), the thing a user tries first. Off by default: one more pass
-    # over the test split on every checked model (science: +100 s), which takes a run that trains
-    # twice past 10 minutes; the filter, its strength and every other row are the same either way.
+    # over the test split on every checked model (animals: 73 s; a books run took 563 s with it, 404-420
+    # without), which takes a run that trains twice past 10 minutes; the filter, its strength and every
+    # other row are the same either way (BENCHMARKS.md).
     system_prompt_baseline: bool = False
     # Prompts answered side by side (one llama.cpp batch) in validation and the checks: 1.2-1.6x
     # faster on 2 cores than one by one; 1 decodes them one after another. (The template answers
@@ -692,7 +693,8 @@ def unmeasured(res: dict) -> list[str]:
 
 def check_model(name: str, bundle: Path, items: list[dict], alpha: float, facts: list[Fact], cfg: ForgetConfig,
                 text: str) -> dict:
-    """One model on the test split: alone, with the filter, and with the blocklist."""
+    """One model on the test split: alone, with the filter, with the blocklist and, with
+    ``cfg.system_prompt_baseline``, alone told in a system prompt which questions not to answer."""
     from cmc_edge.eval.runner import perplexity
     from cmc_edge.models import resolve_model
     from cmc_edge.recipes.scaffold import answer_all, answer_at, banned_tokens
