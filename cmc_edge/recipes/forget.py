@@ -781,13 +781,16 @@ def _pct(x) -> str:
     return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
 
 
-# How the report card names each way of decoding (the rest by their keys).
-_COND_NAMES = {"system_prompt": "sys prompt"}
+# Each way of decoding a check can measure, in the report's order: (key, name in the table, label and
+# colour in the plot).
+_CONDITIONS = (("alone", "alone", "model alone", "#999999"), ("filter", "filter", "CMC filter", "#d9534f"),
+               ("blocklist", "blocklist", "blocklist", "#5b8fd9"),
+               ("system_prompt", "sys prompt", "system prompt", "#f0ad4e"))
 
 
-def _conditions(m: dict) -> tuple[str, ...]:
-    """The ways of decoding a model's check measured, in the report's order."""
-    return tuple(c for c in ("alone", "filter", "blocklist", "system_prompt") if c in m)
+def _conditions(m: dict) -> list[tuple[str, str, str, str]]:
+    """The ways of decoding model check ``m`` measured (:data:`_CONDITIONS` rows), in the report's order."""
+    return [c for c in _CONDITIONS if c[0] in m]
 
 
 def format_report(result: dict) -> str:
@@ -803,11 +806,11 @@ def format_report(result: dict) -> str:
             f"{'refuse*':>8} {'leaked':>7} {'refused':>8} {'silent':>7} {'wrong':>7} {'ppl':>8}")
     lines += [head, "-" * len(head)]
     for m in result["models"]:
-        for cond in _conditions(m):
+        for cond, shown, *_ in _conditions(m):
             r = m[cond]
             o = r["outcomes"]
             ppl = r.get("ppl")
-            lines.append(f"{Path(m['model']).stem[:10]:<10} {_COND_NAMES.get(cond, cond):<10} {_pct(r.get('forget')):>7} {_pct(r.get('probe')):>7} "
+            lines.append(f"{Path(m['model']).stem[:10]:<10} {shown:<10} {_pct(r.get('forget')):>7} {_pct(r.get('probe')):>7} "
                          f"{_pct(r.get('keep')):>7} {_pct(r.get('general')):>8} {_pct(r['refused_elsewhere']):>8} "
                          f"{_pct(o['leaked']):>7} {_pct(o['refused']):>8} {_pct(o['silent']):>7} {_pct(o['wrong']):>7} "
                          f"{'-' if ppl is None else 'inf' if ppl == math.inf else f'{ppl:.2f}':>8}")
@@ -822,9 +825,9 @@ def format_report(result: dict) -> str:
     if any(m["alone"].get("probe_kinds") for m in result["models"]):
         lines += ["", "probe leaks: " + " ".join(f"{k[:12]:>12}" for k in kinds)]
         for m in result["models"]:
-            for cond in _conditions(m):
+            for cond, shown, *_ in _conditions(m):
                 pk = m[cond].get("probe_kinds", {})
-                lines.append(f"{Path(m['model']).stem[:8] + ' ' + _COND_NAMES.get(cond, cond):<17}" + " ".join(f"{_pct(pk.get(k)):>12}" for k in kinds))
+                lines.append(f"{Path(m['model']).stem[:8] + ' ' + shown:<17}" + " ".join(f"{_pct(pk.get(k)):>12}" for k in kinds))
     lines.append("")
     for m in result["models"]:
         parts = []
@@ -849,14 +852,12 @@ def plot_report(result: dict, path: Path) -> Path:
     from cmc_edge.eval.evaluate import save_png
 
     splits = [s for s in ("forget", "probe", "keep", "general") if s in result["models"][0]["alone"]]
-    conds = [c for c in (("alone", "model alone", "#999999"), ("filter", "CMC filter", "#d9534f"),
-                         ("blocklist", "blocklist", "#5b8fd9"), ("system_prompt", "system prompt", "#f0ad4e"))
-             if c[0] in result["models"][0]]
+    conds = _conditions(result["models"][0])
     width = 0.8 / len(conds)
     fig, axes = plt.subplots(1, len(result["models"]), figsize=(4.8 * len(result["models"]), 3.4), squeeze=False,
                              sharey=True)
     for ax, m in zip(axes[0], result["models"]):
-        for j, (cond, label, color) in enumerate(conds):
+        for j, (cond, _, label, color) in enumerate(conds):
             ys = [100 * m[cond][s] for s in splits]
             bars = ax.bar([i + (j - (len(conds) - 1) / 2) * width for i in range(len(splits))], ys, width=width,
                           label=label, color=color)
